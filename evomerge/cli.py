@@ -1,0 +1,88 @@
+"""Command-line entry point. Maps library exceptions to exit codes; nothing else does.
+
+Each subcommand lives in `evomerge/commands/<name>.py` with `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported only when their command runs, so `evomerge --help`
+imports neither torch nor ray nor lm_eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from evomerge import __version__
+from evomerge.errors import UserError
+
+# name -> (module, one-line help). Order is the order shown in --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("evomerge.commands.run", "start a study from a study YAML"),
+    "resume": ("evomerge.commands.resume", "continue an interrupted study"),
+    "status": ("evomerge.commands.status", "progress and best recipe of a run"),
+    "export": (
+        "evomerge.commands.export",
+        "write the winning checkpoint, recipes, model card and report",
+    ),
+    "report": ("evomerge.commands.report", "plots and summary table of a run, without exporting"),
+    "merge": ("evomerge.commands.merge", "one merge from our recipe YAML or a mergekit YAML"),
+    "eval": ("evomerge.commands.eval", "score a checkpoint with lm-eval"),
+    "zoo": ("evomerge.commands.zoo", "build the demo model zoo and its study.yaml"),
+    "demo": (
+        "evomerge.commands.demo",
+        "build the zoo, run the demo study, export, print held-out table",
+    ),
+    "bench": ("evomerge.commands.bench", "merge, scoring and worker throughput on this hardware"),
+}
+
+
+def _available_commands() -> dict[str, tuple[str, str]]:
+    """Commands whose module exists in this install (so a partial checkout still runs)."""
+    import importlib.util
+
+    return {k: v for k, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evomerge",
+        description="Evolutionary search for model-merge recipes (per-layer coefficients and methods).",
+    )
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in _available_commands().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        # Arguments are declared by the module; importing it must stay light (no torch).
+        importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def _set_offline_defaults() -> None:
+    """Nothing is fetched from a hub unless the user opts in by setting these to 0."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _set_offline_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        module = importlib.import_module(args._module)
+        return int(module.run(args) or 0)
+    except UserError as exc:
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the evomerge CLI, one module each (see evomerge/cli.py)."""

@@ -1,0 +1,210 @@
+"""Materialize a Recipe: streaming to disk (export, `evomerge merge`) or in place (search).
+
+Both paths run the same TensorTask through the same method function, so a candidate scored in
+memory and the checkpoint exported for it hold the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.checkpoint import SIDE_FILES, CheckpointReader, parse_dtype
+from evomerge.errors import ConfigError
+from evomerge.methods.base import MergeInput
+from evomerge.plan import TensorTask, open_readers, plan_merge
+from evomerge.recipe import Recipe
+from evomerge.safetensors_stream import ShardStream, TensorSpec, assign_shards, shard_names
+
+
+def run_task(
+    task: TensorTask,
+    load: Callable[[str, str], torch.Tensor],
+    *,
+    deltas: list[torch.Tensor] | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Merge one tensor. `load(model, tensor_name)` returns that source tensor in compute dtype."""
+    base = load(task.base, task.out.sources[task.base]) if task.base is not None else None
+    tensors = None if deltas is not None else [load(m, task.out.sources[m]) for m in task.models]
+    gen = None
+    if task.method.randomized:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(task.seed)
+    inp = MergeInput(
+        base,
+        tensors,
+        task.model_params,
+        task.global_params,
+        deltas=deltas,
+        generator=gen,
+        name=task.out.name,
+    )
+    return task.method.merge(inp)
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    tensors: int
+    bytes_written: int
+    seconds: float
+    out_dir: Path
+
+
+def output_dtype(
+    recipe: Recipe, readers: Mapping[str, CheckpointReader], override: str | None
+) -> torch.dtype | None:
+    """--dtype beats the recipe's dtype; None keeps each tensor's source dtype."""
+    return parse_dtype(override or recipe.dtype)
+
+
+def _source_dtype(readers: Mapping[str, CheckpointReader], task: TensorTask) -> torch.dtype:
+    ref_model = task.base or task.models[0]
+    info = readers[ref_model].infos[task.out.sources[ref_model]]
+    table = {
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F64": torch.float64,
+    }
+    return table.get(info.dtype, torch.float32)
+
+
+def merge_to_disk(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = 5 * 2**30,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_files: Mapping[str, str] | None = None,
+) -> MergeStats:
+    """Stream the merge into `out_dir`: one tensor per source in memory, written atomically.
+
+    All validation happens in planning, before anything is created under `out_dir`.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(
+            f"--out {out} exists and is not empty; choose another folder or pass --force"
+        )
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    readers = open_readers(recipe, allow_pickle=allow_pickle)
+    tasks = plan_merge(recipe, readers)
+    out_dtype = output_dtype(recipe, readers, dtype)
+    specs = [
+        TensorSpec(t.out.name, t.out.shape, out_dtype or _source_dtype(readers, t)) for t in tasks
+    ]
+    shards = assign_shards(specs, max_shard_bytes)
+    names = shard_names(len(shards))
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        bar = _progress(progress, len(tasks), f"merging into {out.name}")
+        i = 0
+        total = 0
+
+        def load(model: str, name: str) -> torch.Tensor:
+            return readers[model].get(name, device=device, dtype=compute_dtype)
+
+        for shard_specs, fname in zip(shards, names, strict=True):
+            stream = ShardStream(tmp / fname, shard_specs)
+            for spec in shard_specs:
+                task = tasks[i]
+                merged = run_task(task, load, device=device).to(spec.dtype)
+                stream.write(spec.name, merged)
+                total += spec.nbytes
+                i += 1
+                bar(1)
+            stream.close()
+        bar(0, done=True)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {
+                    s.name: fname for ss, fname in zip(shards, names, strict=True) for s in ss
+                },
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        ref = readers[recipe.reference_model].path
+        for n in SIDE_FILES:
+            if (ref / n).exists():
+                shutil.copy2(ref / n, tmp / n)
+        _fix_config(tmp, recipe, tasks, out_dtype)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeStats(len(tasks), total, time.perf_counter() - t0, out)
+
+
+def _fix_config(
+    folder: Path, recipe: Recipe, tasks: list[TensorTask], out_dtype: torch.dtype | None
+) -> None:
+    """config.json must state the merged layer count and dtype, or from_pretrained misloads it."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    if recipe.slices:
+        cfg["num_hidden_layers"] = sum(s.length for s in recipe.slices)
+    if out_dtype is not None:
+        name = str(out_dtype).removeprefix("torch.")
+        if "dtype" in cfg or "torch_dtype" not in cfg:
+            cfg["dtype"] = name
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = name
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _progress(enabled: bool, total: int, label: str) -> Callable[..., None]:
+    """A rich progress bar on a terminal; a no-op otherwise (tests, pipes)."""
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return lambda n=1, done=False: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    prog = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+    prog.start()
+    tid = prog.add_task(label, total=total)
+
+    def step(n: int = 1, done: bool = False) -> None:
+        prog.advance(tid, n)
+        if done:
+            prog.stop()
+
+    return step

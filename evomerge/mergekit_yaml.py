@@ -1,0 +1,254 @@
+"""mergekit's merge YAML <-> our Recipe.
+
+Reading is lossless for what mergekit's `models:` and `slices:` forms express, so a mergekit
+user's config runs unchanged through `evomerge merge`. Writing (`to_mergekit`) needs the tensor
+layout, because mergekit evaluates gradients of non-layer tensors at t = 0 while our sections can
+give them their own values; those tensors get exact-name filter entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import ConfigError
+from evomerge.plan import OutTensor
+from evomerge.recipe import Recipe, load_recipe_dict
+
+_KNOWN_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "slices",
+    "name",
+    "chat_template",
+}
+
+
+def _name_models(refs: list[str]) -> dict[str, str]:
+    """Short unique names from paths: '/x/math-7b' -> 'math-7b' (suffixes on clashes)."""
+    names: dict[str, str] = {}
+    for ref in refs:
+        if ref in names.values():
+            continue
+        stem = Path(ref.rstrip("/")).name or ref
+        name, k = stem, 2
+        while name in names:
+            name, k = f"{stem}-{k}", k + 1
+        names[name] = ref
+    return names
+
+
+def _ref(entry: Any, where: str) -> str:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, Mapping) and isinstance(entry.get("model"), str):
+        return entry["model"]
+    raise ConfigError(f"{where}: expected a model path, got {entry!r}")
+
+
+def _abs(ref: str, base_dir: Path | None) -> str:
+    if (
+        base_dir is not None
+        and not Path(ref).is_absolute()
+        and (base_dir / ref).exists()
+        and not Path(ref).exists()
+    ):
+        return str((base_dir / ref).resolve())
+    return ref
+
+
+def from_mergekit(
+    data: Mapping[str, Any], *, where: str = "mergekit config", base_dir: Path | None = None
+) -> Recipe:
+    unknown = sorted(set(data) - _KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unsupported mergekit key {unknown[0]!r} (supported: {', '.join(sorted(_KNOWN_KEYS))})"
+        )
+    method = data.get("merge_method")
+    if not isinstance(method, str):
+        raise ConfigError(f"{where}: merge_method must be a method name")
+    models_in = data.get("models") or []
+    slices_in = data.get("slices") or []
+    if bool(models_in) == bool(slices_in):
+        raise ConfigError(f"{where}: give exactly one of `models` or `slices`")
+    base_ref = data.get("base_model")
+    refs: list[str] = []
+    if base_ref is not None:
+        refs.append(_ref(base_ref, f"{where}: base_model"))
+    for i, m in enumerate(models_in):
+        refs.append(_ref(m, f"{where}: models[{i}]"))
+    for i, sl in enumerate(slices_in):
+        for j, src in enumerate((sl or {}).get("sources") or []):
+            refs.append(_ref(src, f"{where}: slices[{i}].sources[{j}]"))
+    names = _name_models(refs)
+    by_ref = {ref: name for name, ref in names.items()}
+    base = by_ref[_ref(base_ref, "base_model")] if base_ref is not None else None
+    params = dict(data.get("parameters") or {})
+    sections: list[dict[str, Any]] = []
+    slices: list[dict[str, Any]] | None = None
+    if models_in:
+        section_models = {
+            by_ref[_ref(m, "models")]: dict(
+                (m.get("parameters") if isinstance(m, Mapping) else None) or {}
+            )
+            for m in models_in
+        }
+        sections.append({"method": method, "parameters": params, "models": section_models})
+    else:
+        slices = []
+        start = 0
+        per_slice = []
+        for i, sl in enumerate(slices_in):
+            srcs = sl.get("sources") or []
+            if not srcs:
+                raise ConfigError(f"{where}: slices[{i}] has no sources")
+            slices.append(
+                {
+                    "sources": [
+                        {"model": by_ref[_ref(s, "")], "layer_range": s.get("layer_range")}
+                        for s in srcs
+                    ]
+                }
+            )
+            length = (srcs[0].get("layer_range") or [0, 0])[1] - (
+                srcs[0].get("layer_range") or [0, 0]
+            )[0]
+            merged_params = {**params, **(sl.get("parameters") or {})}
+            models = {by_ref[_ref(s, "")]: dict(s.get("parameters") or {}) for s in srcs}
+            per_slice.append((merged_params, models))
+            if length > 0:
+                sections.append(
+                    {
+                        "layers": [start, start + length],
+                        "method": method,
+                        "parameters": merged_params,
+                        "models": models,
+                    }
+                )
+            start += max(length, 0)
+        # Non-layer tensors: embeddings from the first slice's sources, the rest from the last's.
+        sections.append(
+            {
+                "filter": "embed",
+                "method": method,
+                "parameters": per_slice[0][0],
+                "models": per_slice[0][1],
+            }
+        )
+        sections.append(
+            {"method": method, "parameters": per_slice[-1][0], "models": per_slice[-1][1]}
+        )
+    tok = data.get("tokenizer_source")
+    tokenizer_source = None
+    if tok == "base":
+        tokenizer_source = base
+    elif isinstance(tok, str):
+        if tok not in by_ref:
+            raise ConfigError(
+                f"{where}: tokenizer_source {tok!r} is not supported (use 'base' or one of the models)"
+            )
+        tokenizer_source = by_ref[tok]
+    recipe = {
+        "models": {n: _abs(r, base_dir) for n, r in names.items()},
+        "base_model": base,
+        "dtype": data.get("out_dtype") or data.get("dtype"),
+        "tokenizer_source": tokenizer_source,
+        "sections": sections,
+        "slices": slices,
+    }
+    return load_recipe_dict({k: v for k, v in recipe.items() if v is not None}, where)
+
+
+def to_mergekit(recipe: Recipe, layout: list[OutTensor]) -> dict[str, Any]:
+    """mergekit YAML reproducing the same tensors, or ConfigError saying why it cannot.
+
+    Per-layer values become gradient lists with one entry per layer (exact at each layer); name
+    filters become mergekit filter lists; non-layer tensors get exact-name filters first.
+    """
+    from evomerge.plan import resolve_task
+
+    methods = {s.method for s in recipe.sections}
+    if len(methods) != 1:
+        raise ConfigError(
+            f"mergekit applies one merge method per config; this recipe uses {sorted(methods)}"
+        )
+    if recipe.slices:
+        raise ConfigError("recipes with slices are exported to mergekit only from mergekit configs")
+    method = methods.pop()
+    tasks = [resolve_task(recipe, out) for out in layout]
+    n_layers = 1 + max((o.layer for o in layout if o.layer is not None), default=0)
+    kinds = _tensor_kinds(layout)
+    participants = [m for m in recipe.models if any(m in t.models for t in tasks)]
+
+    def value_spec(get: Any) -> Any:
+        """Filter list: exact names for non-layer tensors, then one per-layer list per kind."""
+        entries: list[dict[str, Any]] = []
+        for t in tasks:
+            if t.out.layer is None:
+                entries.append({"filter": t.out.name, "value": get(t)})
+        for kind in kinds:
+            per_layer = []
+            for layer in range(n_layers):
+                t = next(x for x in tasks if x.out.layer == layer and _kind(x.out.name) == kind)
+                per_layer.append(get(t))
+            value = per_layer[0] if len(set(map(repr, per_layer))) == 1 else per_layer
+            entries.append({"filter": kind, "value": value})
+        values = {repr(e["value"]) for e in entries}
+        return entries[0]["value"] if len(values) == 1 else entries
+
+    models_out = []
+    for m in participants:
+        p_names = sorted(
+            {k for t in tasks if m in t.models for k in t.model_params[t.models.index(m)]}
+        )
+        params = {}
+        for p in p_names:
+            params[p] = value_spec(
+                lambda t, m=m, p=p: (
+                    _round(t.model_params[t.models.index(m)][p]) if m in t.models else 0.0
+                )
+            )
+        models_out.append({"model": recipe.models[m], "parameters": params})
+    g_names = sorted({k for t in tasks for k in t.global_params})
+    global_params = {p: value_spec(lambda t, p=p: _round(t.global_params.get(p))) for p in g_names}
+    out: dict[str, Any] = {
+        "merge_method": method,
+        "models": models_out,
+        "parameters": global_params,
+    }
+    if recipe.base_model:
+        out["base_model"] = recipe.models[recipe.base_model]
+    out["dtype"] = "float32"
+    if recipe.dtype:
+        out["out_dtype"] = recipe.dtype
+    if recipe.tokenizer_source and recipe.tokenizer_source == recipe.base_model:
+        out["tokenizer_source"] = "base"
+    return out
+
+
+def _round(v: Any) -> Any:
+    return float(v) if isinstance(v, float) else v
+
+
+def _kind(name: str) -> str:
+    """The part of a layer tensor's name after its index: 'model.layers.3.mlp.up.weight' -> 'mlp.up.weight'."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return "." + ".".join(parts[i + 1 :])
+    return name
+
+
+def _tensor_kinds(layout: list[OutTensor]) -> list[str]:
+    seen: dict[str, None] = {}
+    for o in layout:
+        if o.layer is not None:
+            seen.setdefault(_kind(o.name), None)
+    return list(seen)

@@ -1,0 +1,104 @@
+"""Stream tensors into safetensors shards whose headers are known before any data exists.
+
+The merge plan knows every output name, shape and dtype up front, so each shard's header is
+written first and tensors are appended as they are computed: memory stays at one tensor, with no
+shard-sized buffer and no second copy (safetensors' `save_file` needs the whole dict at once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_ST_DTYPE = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def assign_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive tensors grouped into shards of at most max_shard_bytes (a bigger tensor alone)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+class ShardStream:
+    """One open shard: header written at creation, tensors appended in the declared order."""
+
+    def __init__(self, path: Path, specs: Sequence[TensorSpec]) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for s in specs:
+            header[s.name] = {
+                "dtype": _ST_DTYPE[s.dtype],
+                "shape": list(s.shape),
+                "data_offsets": [offset, offset + s.nbytes],
+            }
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._expected = list(specs)
+        self._next = 0
+        self._fh = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._fh.write(len(raw).to_bytes(8, "little"))
+        self._fh.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._expected[self._next]
+        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(
+                f"shard stream expected {spec.name} {spec.shape} {spec.dtype}, got {name} "
+                f"{tuple(tensor.shape)} {tensor.dtype}"
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(data))
+        self._next += 1
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self._expected)
+
+    def close(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

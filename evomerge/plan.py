@@ -213,6 +213,7 @@ def resolve_task(recipe: Recipe, out: OutTensor, index: int | None = None) -> Te
         for key in section.models.get(m, {}):
             method.param(key, f"{where}, model {m}")
         per_model.append(method.fill_model_params(given, f"{where}, model {m}"))
+    method.check_params(per_model, glob, where)
     return TensorTask(
         out=out,
         method=method,

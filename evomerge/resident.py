@@ -49,36 +49,35 @@ class ResidentSources:
 
 
 class InPlaceMerger:
-    """Writes a recipe's merged tensors into a live model's parameters."""
+    """Writes a recipe's merged tensors into live tensors (a model's parameters)."""
 
     def __init__(
-        self, model: torch.nn.Module, sources: ResidentSources, layout: list[OutTensor]
+        self, targets: Mapping[str, torch.Tensor], sources: ResidentSources, layout: list[OutTensor]
     ) -> None:
-        self.model = model
-        self.sources = sources
-        self.layout = layout
-        state = model.state_dict(keep_vars=True)
-        missing = [o.name for o in layout if o.name not in state]
+        missing = [o.name for o in layout if o.name not in targets]
         if missing:
             raise IncompatibleModelsError(
                 f"the live model has no parameter {missing[0]!r} of the merged layout "
                 f"({len(missing)} missing); it was built from a different architecture"
             )
-        self.targets = {o.name: state[o.name] for o in layout}
+        self.sources = sources
+        self.layout = layout
+        self.targets = {o.name: targets[o.name] for o in layout}
 
     @classmethod
-    def for_recipe(
+    def for_model(
         cls,
         model: torch.nn.Module,
         recipe: Recipe,
         readers: Mapping[str, CheckpointReader],
         sources: ResidentSources,
     ) -> InPlaceMerger:
-        return cls(model, sources, build_layout(recipe, readers))
+        """Targets are the model's own parameters, so merging updates the model directly."""
+        return cls(model.state_dict(keep_vars=True), sources, build_layout(recipe, readers))
 
     @torch.no_grad()
     def apply(self, recipe: Recipe) -> float:
-        """Materialize `recipe` into the model; returns seconds spent (synchronized on CUDA)."""
+        """Materialize `recipe` into the targets; returns seconds spent (synchronized on CUDA)."""
         t0 = time.perf_counter()
         tasks = [resolve_task(recipe, out) for out in self.layout]
         for task in tasks:

@@ -151,7 +151,7 @@ def test_in_place_merge_equals_disk_merge(zoo, tmp_path):
     merge_to_disk(recipe, tmp_path / "disk", progress=False)
     readers = open_readers(recipe)
     live = AutoModelForCausalLM.from_pretrained(zoo["base"])
-    merger = InPlaceMerger.for_recipe(live, recipe, readers, ResidentSources(readers))
+    merger = InPlaceMerger.for_model(live, recipe, readers, ResidentSources(readers))
     merger.apply(recipe)
     disk = weights(tmp_path / "disk")
     state = live.state_dict()

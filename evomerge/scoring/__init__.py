@@ -1,0 +1,40 @@
+"""lm-eval in process, on the worker's resident model (the only place that imports lm_eval).
+
+`Scorer(model, tokenizer, ScoringConfig(tasks=...))` builds tasks, datasets and requests once;
+`scorer.score()` reruns only the forward passes and metrics after each in-place weight swap.
+`check_tasks(config)` validates task names, include paths and metrics without a model.
+Importing this package is cheap: lm_eval and torch load when a scorer or check needs them.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before lm_eval/datasets/transformers are imported anywhere through us: never reach a hub
+# unless the user opted in by setting these to 0.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from evomerge.scoring.bench import bench_scoring, fresh_evaluate
+from evomerge.scoring.catalog import check_tasks, describe_tasks
+from evomerge.scoring.config import (
+    PUBLIC_BENCHMARKS,
+    PublicBenchmarkWarning,
+    ScoreResult,
+    ScoringConfig,
+    public_benchmarks,
+)
+from evomerge.scoring.scorer import Scorer
+
+__all__ = [
+    "PUBLIC_BENCHMARKS",
+    "PublicBenchmarkWarning",
+    "ScoreResult",
+    "Scorer",
+    "ScoringConfig",
+    "bench_scoring",
+    "check_tasks",
+    "describe_tasks",
+    "fresh_evaluate",
+    "public_benchmarks",
+]

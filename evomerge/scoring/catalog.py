@@ -1,0 +1,303 @@
+"""Task names -> lm-eval TaskManager, and the metrics each task reports, without a model.
+
+Only our include paths are indexed unless a name is not found there: indexing lm-eval's ~15k
+built-in tasks takes tens of seconds, so it happens only when a built-in task is asked for.
+Metrics are read from the task YAMLs (metric_list, filter_list, aggregate_metric_list), so a
+study config is checked in a second, before any model or dataset is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evomerge.errors import MissingPathError, TaskError
+from evomerge.objective import TaskMetrics
+from evomerge.scoring.config import ScoringConfig
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
+
+_LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
+_GROUP_FIELDS = {"group", "group_alias", "task", "aggregate_metric_list", "metadata", "tag"}
+
+
+def metric_key(metric: str, filter_name: str) -> str:
+    """lm-eval's 'acc,none' is our 'acc'; any other filter stays: 'exact_match,strict-match'."""
+    return metric if filter_name == "none" else f"{metric},{filter_name}"
+
+
+def normalize_metrics(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """lm-eval's {task: {'acc,none': x, 'acc_stderr,none': 'N/A', ...}} -> {task: {'acc': x}};
+    entries without any metric (groups that do not aggregate) are left out."""
+    out: dict[str, dict[str, float]] = {}
+    for name, res in results.items():
+        metrics = {}
+        for k, v in res.items():
+            if "," not in k or "_stderr," in k:
+                continue
+            metric, filter_key = k.split(",", 1)
+            try:
+                metrics[metric_key(metric, filter_key)] = float(v)
+            except (TypeError, ValueError):
+                continue
+        if metrics:
+            out[name] = metrics
+    return out
+
+
+def task_manager(include_paths: tuple[str, ...], with_builtins: bool) -> TaskManager:
+    """One TaskManager per (paths, builtins) per process (the built-in index is slow to build);
+    rebuilt when a YAML under the include paths is added, removed or edited."""
+    stamp = tuple(
+        (str(f), f.stat().st_mtime_ns)
+        for p in include_paths
+        for f in sorted(Path(p).glob("**/*.y*ml"))
+        if f.is_file()
+    )
+    return _task_manager(include_paths, with_builtins, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_paths: tuple[str, ...], with_builtins: bool, stamp: tuple) -> TaskManager:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_paths) or None, include_defaults=with_builtins)
+
+
+def check_include_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.is_dir():
+            what = "is not a folder" if path.exists() else "does not exist"
+            raise MissingPathError(f"task include path {p} {what}; pass a folder of task YAMLs")
+        out.append(str(path.resolve()))
+    return tuple(out)
+
+
+def _is_yaml_path(name: str) -> bool:
+    return name.endswith((".yaml", ".yml")) and Path(name).expanduser().is_file()
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_yaml_text() -> str:
+    """All of lm-eval's built-in task YAMLs as one string (~7 MB): a name absent from it is no
+    built-in task, found in a second instead of indexing every task (tens of seconds)."""
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    return "\n".join(f.read_text(errors="replace") for f in sorted(root.glob("**/*.yaml")))
+
+
+def _builtin_names() -> list[str]:
+    """Task, group and tag names declared in the built-in YAMLs (for did-you-mean only)."""
+    pattern = r"(?m)^\s*(?:task|group|tag):\s*[\"']?([\w.\-]+)"
+    return sorted(set(re.findall(pattern, _builtin_yaml_text())))
+
+
+def resolve_tasks(config: ScoringConfig) -> TaskManager:
+    """A TaskManager that knows every name in `config.tasks`, or TaskError naming the unknown."""
+    paths = check_include_paths(config.include_paths)
+    tm = task_manager(paths, False)
+    missing = [t for t in config.tasks if t not in tm.task_index and not _is_yaml_path(t)]
+    if missing and any(t in _builtin_yaml_text() for t in missing):
+        tm = task_manager(paths, True)
+        missing = [t for t in missing if t not in tm.task_index]
+    if missing:
+        name = missing[0]
+        close = difflib.get_close_matches(name, [*tm.all_tasks, *_builtin_names()], n=3)
+        hint = (
+            f"; did you mean {', '.join(repr(c) for c in dict.fromkeys(close))}?" if close else ""
+        )
+        where = f"include paths {', '.join(paths)} and " if paths else ""
+        raise TaskError(
+            f"unknown task {name!r}{hint} (searched {where}lm-eval's built-in tasks)"
+            + _broken_yaml_note(paths)
+        )
+    return tm
+
+
+def _broken_yaml_note(paths: tuple[str, ...]) -> str:
+    """lm-eval skips a YAML that fails to parse at debug level; say so where a task is missing."""
+    from lm_eval.tasks._index import TaskIndex
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    broken = []
+    for root in paths:
+        for f in sorted(Path(root).glob("**/*.y*ml")):
+            try:
+                TaskIndex.process_cfg(load_yaml(f, resolve_func=False, recursive=True), f, {})
+            except Exception as exc:  # any parse or shape error; we only report it
+                broken.append(f"{f}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    if not broken:
+        return ""
+    more = f" and {len(broken) - 2} more" if len(broken) > 2 else ""
+    return "; these task YAMLs failed to load: " + "; ".join(broken[:2]) + more
+
+
+def _higher_is_better(metric: str) -> bool | None:
+    from lm_eval.api.registry import is_higher_better
+
+    try:
+        return is_higher_better(metric)
+    except Exception:  # unknown or custom metric: direction unknown
+        return None
+
+
+def metrics_of_task_cfg(name: str, cfg: Mapping[str, Any]) -> TaskMetrics:
+    """Metric keys a task YAML makes lm-eval report, in filter-then-metric_list order."""
+    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
+
+    _check_data_files(name, cfg)
+    metric_list = cfg.get("metric_list")
+    if metric_list is None:
+        output_type = cfg.get("output_type", "generate_until")
+        pairs = [(m, _higher_is_better(m)) for m in DEFAULT_METRIC_REGISTRY.get(output_type, [])]
+    else:
+        pairs = [
+            (str(mc["metric"]), mc.get("higher_is_better", _higher_is_better(str(mc["metric"]))))
+            for mc in metric_list
+            if isinstance(mc, Mapping) and "metric" in mc
+        ]
+    return TaskMetrics(name, *_keys(pairs, _filter_names(cfg.get("filter_list"))))
+
+
+def _filter_names(filter_list: Any) -> list[str]:
+    if isinstance(filter_list, list):
+        names = [f["name"] for f in filter_list if isinstance(f, Mapping) and "name" in f]
+        if names:
+            return names
+    return ["none"]
+
+
+def _keys(pairs: list[tuple[str, bool | None]], filters: list[str]) -> tuple[dict, str | None]:
+    hib = {metric_key(m, f): (None if h is None else bool(h)) for f in filters for m, h in pairs}
+    return hib, next(iter(hib), None)
+
+
+def group_metrics(
+    name: str, aggregates: list[tuple[str, list[str] | None]], leaves: list[TaskMetrics]
+) -> TaskMetrics:
+    """Keys a group reports from its aggregate_metric_list: (metric, filter_list or discover)."""
+    hib: dict[str, bool | None] = {}
+    for metric, filters in aggregates:
+        if filters is None:  # lm-eval discovers the filters its children used for the metric
+            found = {
+                k.split(",", 1)[1] if "," in k else "none"
+                for leaf in leaves
+                for k in leaf.higher_is_better
+                if k.split(",", 1)[0] == metric
+            }
+            filters = sorted(found) or ["none"]
+        for f in filters:
+            key = metric_key(metric, f)
+            known = [
+                leaf.higher_is_better[key]
+                for leaf in leaves
+                if leaf.higher_is_better.get(key) is not None
+            ]
+            hib[key] = known[0] if known else _higher_is_better(metric)
+    return TaskMetrics(name, hib, next(iter(hib), None))
+
+
+def _check_data_files(name: str, cfg: Mapping[str, Any]) -> None:
+    """Local data files named in a task YAML must exist (and be absolute: see FACTS.md)."""
+    if cfg.get("dataset_path") not in _LOCAL_BUILDERS:
+        return
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, Mapping):
+        files = list(files.values())
+    for f in files if isinstance(files, list) else [files]:
+        for p in f if isinstance(f, list) else [f]:
+            if isinstance(p, str) and "://" not in p and "*" not in p and not Path(p).is_file():
+                raise MissingPathError(
+                    f"task {name!r}: data file {p} does not exist (dataset_kwargs.data_files); "
+                    "use an absolute path"
+                )
+
+
+def _entry_cfg(tm: TaskManager, name: str) -> tuple[str, Any, dict]:
+    """(kind name, entry, config with includes resolved, functions left as strings)."""
+    from lm_eval.tasks._index import TaskIndex
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = tm.task_index.get(name) or TaskIndex.entry_from_path(Path(name))
+    cfg = entry.cfg
+    if cfg is None and entry.yaml_path is not None:
+        cfg = load_yaml(entry.yaml_path, resolve_func=False, recursive=True)
+    return entry.kind.name, entry, dict(cfg or {})
+
+
+def _leaves(
+    tm: TaskManager, cfg: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> Iterator[TaskMetrics]:
+    """Leaf tasks of a group config, with the group's task-level overrides applied."""
+    overrides = {**overrides, **{k: v for k, v in cfg.items() if k not in _GROUP_FIELDS}}
+    members = cfg.get("task")
+    for item in members if isinstance(members, list) else [members]:
+        if isinstance(item, Mapping) and "group" in item:
+            base = tm.task_index.get(item["group"])
+            sub = {**(base.cfg or {}), **item} if base is not None else dict(item)
+            yield from _leaves(tm, sub, overrides)
+        elif isinstance(item, (str, Mapping)):
+            task = item if isinstance(item, str) else str(item.get("task"))
+            extra = {} if isinstance(item, str) else dict(item)
+            if task not in tm.task_index:
+                yield metrics_of_task_cfg(task, {**overrides, **extra})
+                continue
+            kind, entry, sub = _entry_cfg(tm, task)
+            if kind == "GROUP":
+                yield from _leaves(tm, sub, {**overrides, **extra})
+            elif kind == "TAG":
+                for t in sorted(entry.tags):
+                    yield metrics_of_task_cfg(t, {**_entry_cfg(tm, t)[2], **overrides, **extra})
+            else:
+                yield metrics_of_task_cfg(task, {**sub, **overrides, **extra})
+
+
+def aggregates_of(cfg_list: Any) -> list[tuple[str, list[str] | None]]:
+    items = cfg_list if isinstance(cfg_list, list) else [cfg_list] if cfg_list else []
+    out = []
+    for a in items:
+        metric = a.get("metric") if isinstance(a, Mapping) else getattr(a, "metric", None)
+        filters = (
+            a.get("filter_list") if isinstance(a, Mapping) else getattr(a, "filter_list", None)
+        )
+        if metric:
+            out.append((str(metric), [filters] if isinstance(filters, str) else filters))
+    return out
+
+
+def describe_tasks(config: ScoringConfig) -> dict[str, TaskMetrics]:
+    """Reported name -> metrics, for every requested name: a task is itself, a tag its tasks,
+    a group itself when it aggregates (else its leaf tasks). Raises TaskError/MissingPathError."""
+    tm = resolve_tasks(config)
+    out: dict[str, TaskMetrics] = {}
+    for name in config.tasks:
+        kind, entry, cfg = _entry_cfg(tm, name)
+        if kind == "TAG":
+            for t in sorted(entry.tags):
+                out[t] = metrics_of_task_cfg(t, _entry_cfg(tm, t)[2])
+        elif kind == "GROUP":
+            leaves = list(_leaves(tm, cfg, {}))
+            aggs = aggregates_of(cfg.get("aggregate_metric_list"))
+            if aggs:
+                out[entry.name] = group_metrics(entry.name, aggs, leaves)
+            else:
+                out.update({leaf.task: leaf for leaf in leaves})
+        else:
+            out[entry.name] = metrics_of_task_cfg(entry.name, cfg)
+    return out
+
+
+def check_tasks(config: ScoringConfig) -> dict[str, list[str]]:
+    """Task -> the metric keys it reports; raises on unknown tasks or missing paths/data files.
+
+    Needs no model: run it when a study config is loaded, before anything expensive.
+    """
+    return {name: list(info.higher_is_better) for name, info in describe_tasks(config).items()}

@@ -1,0 +1,324 @@
+"""The ask/tell contract every search optimizer follows, and the registry that names them.
+
+The study loop owns control: it asks for proposals, evaluates them wherever it likes, tells the
+values back (to MAXIMIZE; `None` for a failed candidate) and calls `save()` after every ask and
+every tell. `load()` restores exactly what `save()` wrote, so a resumed study continues the same
+search: with the same seed and the same sequence of tells, the proposals (ids and params) are the
+same as in an uninterrupted run. Proposals asked but not told before a crash come back from
+`pending()` and are told like any other.
+
+Optimizers see only `Dimension`s: a continuous range or a categorical choice (e.g. the merge
+method of a layer group). How an optimizer encodes a choice is its own business; those that only
+search continuous spaces (CMA-ES) give each choice a score in [0, 1] and decode the argmax
+(`choice_scores` / `argmax_choice` below).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from evomerge.errors import ConfigError, MissingPathError, RunDirError
+from evomerge.registry import Registry
+
+Params = dict[str, "float | str"]
+
+#: scores a warm start gives a categorical encoded as per-choice scores: chosen, others
+X0_CHOSEN, X0_OTHER = 0.6, 0.4
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched parameter: a float in [low, high], or one of `choices` when they are set."""
+
+    name: str
+    low: float = 0.0
+    high: float = 1.0
+    choices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("a search dimension needs a non-empty name")
+        if self.choices is not None:
+            if len(self.choices) == 0 or len(set(self.choices)) != len(self.choices):
+                raise ConfigError(
+                    f"dimension {self.name!r}: choices {list(self.choices)} must be non-empty "
+                    "and unique"
+                )
+            object.__setattr__(self, "choices", tuple(str(c) for c in self.choices))
+        elif not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
+            raise ConfigError(
+                f"dimension {self.name!r}: needs finite low < high, got [{self.low}, {self.high}]"
+            )
+        else:
+            object.__setattr__(self, "low", float(self.low))
+            object.__setattr__(self, "high", float(self.high))
+
+    @property
+    def categorical(self) -> bool:
+        return self.choices is not None
+
+    def to_unit(self, value: float) -> float:
+        """[low, high] -> [0, 1]."""
+        return (float(value) - self.low) / (self.high - self.low)
+
+    def from_unit(self, u: float) -> float:
+        """[0, 1] -> [low, high], clipped so a proposal never leaves the bounds."""
+        return min(self.high, max(self.low, self.low + float(u) * (self.high - self.low)))
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A candidate to evaluate. `id` counts 0, 1, 2, ... in ask order and survives save/load."""
+
+    id: int
+    params: dict[str, float | str]
+
+
+class Optimizer(ABC):
+    """Ask/tell search over `dims` whose whole state lives in `state_dir`.
+
+    Construct to start a new search (refuses a `state_dir` that already holds this optimizer's
+    state); `load()` to continue one. Values told are maximized; `n_objectives` values each.
+    """
+
+    name: ClassVar[str]
+    #: files in state_dir that hold this optimizer's state (the first one marks that a state exists)
+    state_files: ClassVar[tuple[str, ...]]
+
+    def __init__(
+        self,
+        dims: Sequence[Dimension],
+        *,
+        n_objectives: int = 1,
+        seed: int = 0,
+        options: Mapping[str, Any] | None = None,
+        state_dir: Path,
+        x0: Mapping[str, float | str] | None = None,
+    ) -> None:
+        self._setup(dims, n_objectives, seed, options, state_dir)
+        if (self.state_dir / self.state_files[0]).exists():
+            raise RunDirError(
+                f"{self.state_dir / self.state_files[0]} already exists: resume that run "
+                "(load the optimizer) or start in a new run directory"
+            )
+        self._start(check_x0(self.dims, x0))
+
+    @classmethod
+    def load(
+        cls,
+        dims: Sequence[Dimension],
+        *,
+        n_objectives: int = 1,
+        seed: int = 0,
+        options: Mapping[str, Any] | None = None,
+        state_dir: Path,
+        x0: Mapping[str, float | str] | None = None,
+    ) -> Optimizer:
+        """Restore the state `save()` wrote; `x0` is ignored (it only matters at the start)."""
+        self = cls.__new__(cls)
+        self._setup(dims, n_objectives, seed, options, state_dir)
+        path = self.state_dir / self.state_files[0]
+        if not path.exists():
+            raise MissingPathError(f"no {cls.name} optimizer state at {path}: nothing to resume")
+        self._restore()
+        return self
+
+    def _setup(self, dims, n_objectives, seed, options, state_dir) -> None:
+        self.dims: tuple[Dimension, ...] = tuple(dims)
+        if not self.dims:
+            raise ConfigError("the search space has no dimensions: nothing to optimize")
+        names = [d.name for d in self.dims]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"search dimensions named more than once: {dupes}")
+        if int(n_objectives) < 1:
+            raise ConfigError(f"n_objectives must be >= 1, got {n_objectives}")
+        self.n_objectives = int(n_objectives)
+        self.seed = int(seed)
+        self.options: dict[str, Any] = dict(options or {})
+        self.state_dir = Path(state_dir)
+        self._check_objectives()
+
+    def _check_objectives(self) -> None:
+        """Raise ConfigError when this optimizer cannot handle `n_objectives` (default: 1 only)."""
+        if self.n_objectives > 1:
+            raise ConfigError(
+                f"optimizer {self.name!r} optimizes one objective, but the study has "
+                f"{self.n_objectives}; use optimizer.name: optuna_nsga2 (or optuna_tpe) for "
+                "several objectives, or combine them into one with weights"
+            )
+
+    def signature(self) -> dict[str, Any]:
+        """What must not change between a run and its resume."""
+        return {
+            "optimizer": self.name,
+            "dims": [asdict(d) | {"choices": list(d.choices or []) or None} for d in self.dims],
+            "n_objectives": self.n_objectives,
+            "seed": self.seed,
+            "options": json.loads(json.dumps(self.options, sort_keys=True, default=str)),
+        }
+
+    def check_signature(self, saved: Mapping[str, Any], where: Path) -> None:
+        now = self.signature()
+        for key, value in now.items():
+            if saved.get(key) != value:
+                raise ConfigError(
+                    f"{where}: the run was started with {key} = {saved.get(key)!r}, now "
+                    f"{value!r}; resume with the run's own study.yaml or start a new run"
+                )
+
+    @abstractmethod
+    def _start(self, x0: Params | None) -> None:
+        """Fresh state; `x0` (validated, possibly partial) is where the search starts."""
+
+    @abstractmethod
+    def _restore(self) -> None:
+        """Read the state files in `state_dir`."""
+
+    @abstractmethod
+    def ask(self) -> Proposal | None:
+        """Next proposal, or None while the optimizer waits for outstanding tells."""
+
+    @abstractmethod
+    def tell(self, proposal_id: int, values: Sequence[float] | None) -> None:
+        """Values to maximize (one per objective), or None for a failed candidate.
+
+        A non-finite value counts as a failure. Telling a proposal that is not pending raises
+        ValueError (a bug in the caller).
+        """
+
+    @abstractmethod
+    def pending(self) -> list[Proposal]:
+        """Proposals asked and not yet told, in id order."""
+
+    @abstractmethod
+    def save(self) -> None:
+        """Persist the whole state into `state_dir` atomically."""
+
+    @property
+    def best(self) -> tuple[Proposal, tuple[float, ...]] | None:
+        """The successful proposal with the highest first objective so far, with its values."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless resources are held
+        """Release files or connections (optional)."""
+
+    def _values(self, proposal_id: int, values: Sequence[float] | None) -> tuple[float, ...] | None:
+        """Normalize told values: a tuple of n_objectives finite floats, or None for a failure."""
+        if values is None:
+            return None
+        vals = tuple(float(v) for v in values)
+        if len(vals) != self.n_objectives:
+            raise ValueError(
+                f"proposal {proposal_id}: told {len(vals)} values, the optimizer expects "
+                f"{self.n_objectives} (one per objective)"
+            )
+        return vals if all(math.isfinite(v) for v in vals) else None
+
+
+def check_x0(dims: Sequence[Dimension], x0: Mapping[str, float | str] | None) -> Params | None:
+    """Validate a warm start: known names, floats inside their bounds, known choices."""
+    if x0 is None:
+        return None
+    by_name = {d.name: d for d in dims}
+    unknown = [k for k in x0 if k not in by_name]
+    if unknown:
+        raise ConfigError(
+            f"warm start (x0) names unknown dimensions {unknown}{_hint(unknown[0], by_name)}"
+        )
+    out: Params = {}
+    for key, value in x0.items():
+        dim = by_name[key]
+        if dim.choices is not None:
+            if value not in dim.choices:
+                raise ConfigError(
+                    f"warm start (x0) {key} = {value!r} is not one of {list(dim.choices)}"
+                )
+            out[key] = str(value)
+        else:
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"warm start (x0) {key} = {value!r} is not a number") from None
+            if not dim.low <= v <= dim.high:
+                raise ConfigError(
+                    f"warm start (x0) {key} = {v} is outside its bounds [{dim.low}, {dim.high}]"
+                )
+            out[key] = v
+    return out
+
+
+def check_options(
+    optimizer: str, options: Mapping[str, Any], allowed: Iterable[str], reserved: Mapping[str, str]
+) -> None:
+    """Unknown option names get "did you mean"; options evomerge sets itself say why."""
+    allowed = set(allowed)
+    for key in options:
+        if key in reserved:
+            raise ConfigError(
+                f"optimizer {optimizer!r}: option {key!r} is not settable: {reserved[key]}"
+            )
+        if key not in allowed:
+            raise ConfigError(
+                f"optimizer {optimizer!r}: unknown option {key!r}{_hint(key, allowed)} "
+                f"(available: {', '.join(sorted(allowed))})"
+            )
+
+
+def _hint(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def choice_scores(
+    choices: Sequence[str], chosen: str | None, high: float, low: float
+) -> list[float]:
+    """Encode a choice as one score per option: `high` for the chosen one, `low` for the rest."""
+    if chosen is None:
+        return [0.5 * (high + low)] * len(choices)
+    return [high if c == chosen else low for c in choices]
+
+
+def argmax_choice(choices: Sequence[str], scores: Sequence[float]) -> str:
+    """Decode per-choice scores: the highest wins, ties go to the earlier choice."""
+    best = max(range(len(choices)), key=lambda i: (float(scores[i]), -i))
+    return choices[best]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace: never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+OPTIMIZERS: Registry[type[Optimizer]] = Registry("optimizer")
+
+
+def register_optimizer(name: str) -> Callable[[type[Optimizer]], type[Optimizer]]:
+    """Class decorator: register an Optimizer subclass under `name` (sets `cls.name`)."""
+
+    def wrap(cls: type[Optimizer]) -> type[Optimizer]:
+        if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
+            raise TypeError(f"optimizer {name!r} must be an Optimizer subclass, got {cls!r}")
+        cls.name = name
+        return OPTIMIZERS.register(name, cls)
+
+    return wrap

@@ -1,0 +1,255 @@
+"""Optuna samplers (TPE, CMA-ES, NSGA-II, random) behind ask/tell, over SQLite storage.
+
+Storage. `state_dir/optuna.db`, study name "evomerge", every direction "maximize": open it with
+`optuna-dashboard sqlite:///RUN_DIR/optuna.db`. Each ask and tell is committed by Optuna as it
+happens, so `save()` has nothing left to write. Proposal ids are Optuna trial numbers; `pending()`
+is the trials still RUNNING (after a crash the loop evaluates them again and tells those same
+trial numbers). A failed candidate is told as state FAIL, which every sampler here skips (the
+CMA-ES sampler simply waits for enough successful trials to complete its generation).
+
+Exact resume. A sampler's random state is not in the database, so the sampler is rebuilt before
+every ask, seeded from (seed, number of trials asked so far). Everything else these samplers use
+is read from the storage (TPE/random: the finished trials; CMA-ES: its pickled optimizer in the
+trials' system attributes; NSGA-II: generations in system attributes), so the proposal for a
+given history is the same in a run, after a resume, and after a crash at any point: nothing needs
+to be pickled beside the database. A crash inside `ask`, between Optuna creating a trial and
+suggesting its last parameter, leaves a RUNNING trial without all parameters; `load()` marks it
+FAIL (the loop never saw it).
+
+Categoricals. TPE, NSGA-II and random sample them natively. CmaEsSampler does not (it falls back
+to random sampling), so `optuna_cmaes` encodes each choice as a float score in [0, 1] named
+`<dimension>[<choice>]` and decodes the argmax, like `cma`.
+
+Warm start: `x0` is enqueued as the first trial (for `optuna_cmaes` the chosen option's score is
+0.6, the others 0.4). Options are passed to the sampler's constructor (e.g. `n_startup_trials`,
+`multivariate`, `popsize`, `population_size`); `seed` comes from the study.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from evomerge.errors import ConfigError
+from evomerge.optimizers.base import (
+    X0_CHOSEN,
+    X0_OTHER,
+    Optimizer,
+    Params,
+    Proposal,
+    argmax_choice,
+    check_options,
+    choice_scores,
+    register_optimizer,
+)
+
+STUDY_NAME = "evomerge"
+_SIGNATURE_ATTR = "evomerge"
+
+
+def _optuna() -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the study loop reports progress
+    return optuna
+
+
+def score_name(dim_name: str, choice: str) -> str:
+    """Name of the float parameter that scores `choice` (optuna_cmaes only)."""
+    return f"{dim_name}[{choice}]"
+
+
+class OptunaOptimizer(Optimizer):
+    """Shared ask/tell over an Optuna study; subclasses name the sampler class."""
+
+    state_files = ("optuna.db",)
+    sampler_class: ClassVar[str]  # attribute of optuna.samplers
+    encode_choices: ClassVar[bool] = False  # True where the sampler cannot sample categoricals
+    multi_objective: ClassVar[bool] = True
+    reserved: ClassVar[dict[str, str]] = {"seed": "set the study's seed instead"}
+
+    def _check_objectives(self) -> None:
+        if not self.multi_objective:
+            super()._check_objectives()
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / self.state_files[0]
+
+    def _open(self) -> Any:
+        optuna = _optuna()
+        cls = getattr(optuna.samplers, self.sampler_class)
+        allowed = [
+            p.name
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        check_options(self.name, self.options, allowed, self.reserved)
+        self._sampler_cls = cls
+        self._sampler_for(0)  # surfaces bad option values now, before the first candidate
+        self._dists = self._distributions()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._rdb = optuna.storages.RDBStorage(f"sqlite:///{self.db_path.resolve()}")
+        return optuna
+
+    def _sampler_for(self, n_asked: int) -> Any:
+        seed = int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, n_asked]).generate_state(1)[0])
+        try:
+            return self._sampler_cls(**self.options, seed=seed)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"optimizer {self.name!r}: bad options {self.options}: {exc}"
+            ) from exc
+
+    def _distributions(self) -> dict[str, Any]:
+        from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+        out: dict[str, Any] = {}
+        for d in self.dims:
+            if d.choices is None:
+                out[d.name] = FloatDistribution(d.low, d.high)
+            elif self.encode_choices:
+                for c in d.choices:
+                    out[score_name(d.name, c)] = FloatDistribution(0.0, 1.0)
+            else:
+                out[d.name] = CategoricalDistribution(d.choices)
+        return out
+
+    def _start(self, x0: Params | None) -> None:
+        optuna = self._open()
+        self._study = optuna.create_study(
+            storage=self._rdb,
+            study_name=STUDY_NAME,
+            directions=["maximize"] * self.n_objectives,
+            sampler=self._sampler_for(0),
+        )
+        self._study.set_user_attr(_SIGNATURE_ATTR, self.signature())
+        if x0:
+            self._study.enqueue_trial(self._encode(x0))
+        self._n_asked = 0
+
+    def _restore(self) -> None:
+        optuna = self._open()
+        try:
+            self._study = optuna.load_study(study_name=STUDY_NAME, storage=self._rdb)
+        except KeyError:
+            raise ConfigError(f"{self.db_path} holds no study named {STUDY_NAME!r}") from None
+        self.check_signature(self._study.user_attrs.get(_SIGNATURE_ATTR, {}), self.db_path)
+        waiting = optuna.trial.TrialState.WAITING
+        self._n_asked = sum(t.state != waiting for t in self._study.get_trials(deepcopy=False))
+        for t in self._running():
+            if set(t.params) != set(self._dists):  # crash inside ask: never handed out
+                self._study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+    def _encode(self, params: Params) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for d in self.dims:
+            if d.name not in params:
+                continue
+            if d.choices is not None and self.encode_choices:
+                scores = choice_scores(d.choices, str(params[d.name]), X0_CHOSEN, X0_OTHER)
+                out.update(
+                    {score_name(d.name, c): s for c, s in zip(d.choices, scores, strict=True)}
+                )
+            else:
+                out[d.name] = params[d.name]
+        return out
+
+    def _decode(self, params: dict[str, Any]) -> Params:
+        out: Params = {}
+        for d in self.dims:
+            if d.choices is None:
+                out[d.name] = min(d.high, max(d.low, float(params[d.name])))
+            elif self.encode_choices:
+                out[d.name] = argmax_choice(
+                    d.choices, [params[score_name(d.name, c)] for c in d.choices]
+                )
+            else:
+                out[d.name] = str(params[d.name])
+        return out
+
+    def _running(self) -> list[Any]:
+        from optuna.trial import TrialState
+
+        trials = self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return sorted(trials, key=lambda t: t.number)
+
+    def ask(self) -> Proposal:
+        self._study.sampler = self._sampler_for(self._n_asked)
+        trial = self._study.ask(fixed_distributions=self._dists)
+        self._n_asked += 1
+        return Proposal(trial.number, self._decode(trial.params))
+
+    def pending(self) -> list[Proposal]:
+        return [Proposal(t.number, self._decode(t.params)) for t in self._running()]
+
+    def tell(self, proposal_id: int, values: Sequence[float] | None) -> None:
+        from optuna.trial import TrialState
+
+        vals = self._values(proposal_id, values)
+        try:  # Optuna refuses a trial that is not RUNNING (ValueError) or does not exist
+            if vals is None:
+                self._study.tell(proposal_id, state=TrialState.FAIL)
+            else:
+                self._study.tell(proposal_id, list(vals))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"proposal {proposal_id} is not pending: {exc}") from None
+
+    def save(self) -> None:
+        """Nothing to write: Optuna committed every ask and tell to SQLite as it happened."""
+
+    @property
+    def best(self) -> tuple[Proposal, tuple[float, ...]] | None:
+        from optuna.trial import TrialState
+
+        done = self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not done:
+            return None
+        t = max(done, key=lambda t: (t.values[0], -t.number))
+        return Proposal(t.number, self._decode(t.params)), tuple(t.values)
+
+    @property
+    def study(self) -> Any:
+        """The underlying optuna.Study (for plots and the dashboard)."""
+        return self._study
+
+    def close(self) -> None:
+        self._rdb.engine.dispose()
+
+
+@register_optimizer("optuna_tpe")
+class TPEOptimizer(OptunaOptimizer):
+    """optuna.samplers.TPESampler; native categoricals; several objectives supported."""
+
+    sampler_class = "TPESampler"
+
+
+@register_optimizer("optuna_cmaes")
+class OptunaCmaEsOptimizer(OptunaOptimizer):
+    """optuna.samplers.CmaEsSampler; categoricals as per-choice scores (argmax); one objective."""
+
+    sampler_class = "CmaEsSampler"
+    encode_choices = True
+    multi_objective = False
+    reserved: ClassVar[dict[str, str]] = {
+        "seed": "set the study's seed instead",
+        "x0": "the study's warm_start is enqueued as the first trial instead",
+    }
+
+
+@register_optimizer("optuna_nsga2")
+class NSGA2Optimizer(OptunaOptimizer):
+    """optuna.samplers.NSGAIISampler; native categoricals; several objectives (Pareto front)."""
+
+    sampler_class = "NSGAIISampler"
+
+
+@register_optimizer("optuna_random")
+class RandomOptimizer(OptunaOptimizer):
+    """optuna.samplers.RandomSampler: the baseline every search should beat."""
+
+    sampler_class = "RandomSampler"

@@ -105,7 +105,7 @@ class _ForwardMeter:
         self.sync = device.type == "cuda"
         self.seconds = 0.0
         self.calls = 0
-        self.nonfinite: Any = None
+        self.finite: Any = None  # a 0-d bool tensor on the model's device
         self._t0 = 0.0
 
     def __enter__(self) -> _ForwardMeter:
@@ -133,8 +133,9 @@ class _ForwardMeter:
         if logits is None and isinstance(output, tuple) and output:
             logits = output[0]
         if isinstance(logits, torch.Tensor):
-            bad = ~torch.isfinite(logits).all()
-            self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+            # one fp32 reduction: any NaN/inf makes the sum non-finite; no sync, no bool copy
+            ok = torch.isfinite(torch.sum(logits, dtype=torch.float32))
+            self.finite = ok if self.finite is None else self.finite & ok
         if self.sync:
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - self._t0
@@ -258,6 +259,12 @@ class Scorer:
         self._requests = dict(by_type)
         ll = self._requests.get("loglikelihood")
         self._ll_tokens = self.lm.tokenize_loglikelihood(ll) if ll else []
+        for inst, (_, context, continuation) in zip(ll or [], self._ll_tokens, strict=True):
+            if not context or not continuation:  # lm-eval would assert on every candidate
+                raise TaskError(
+                    f"task {inst.task_name!r}: request {repr(inst.args)[:160]} tokenizes to an empty "
+                    "context or continuation; check the task's target_delimiter and the tokenizer"
+                )
 
     @staticmethod
     def _task_info(task: Any) -> TaskMetrics:
@@ -286,7 +293,7 @@ class Scorer:
         except Exception as exc:  # a broken candidate can fail anywhere in the model
             raise CandidateError(f"forward pass failed: {type(exc).__name__}: {exc}") from exc
         lm_seconds = time.perf_counter() - t_lm
-        if meter.nonfinite is not None and bool(meter.nonfinite):
+        if meter.finite is not None and not bool(meter.finite):
             raise CandidateError("the model produced NaN or inf logits")
         raw = self._aggregate()
         metrics = self._finalize(raw)

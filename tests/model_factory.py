@@ -31,13 +31,14 @@ def save_tiny_llama(
     dtype: torch.dtype = torch.float32,
     layers: int = 4,
     hidden: int = 32,
+    vocab: int = 64,
 ) -> Path:
     """A random tiny Llama; with `base`, that model plus seeded Gaussian noise (a 'fine-tune')."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     if base is None:
-        model = LlamaForCausalLM(tiny_llama_config(layers, hidden))
+        model = LlamaForCausalLM(tiny_llama_config(layers, hidden, vocab))
     else:
         model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
         g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,44 @@
+"""`evomerge resume RUN_DIR`: continue an interrupted study where it stopped."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory made by `evomerge run`")
+    p.add_argument(
+        "--max-trials",
+        type=int,
+        help="new budget (at least the trials done): raise it to extend a finished study",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from evomerge.commands.run import drive
+    from evomerge.errors import RunDirError
+    from evomerge.runstore import STUDY, RunStore, atomic_write
+    from evomerge.study import load_run_config, prepare
+
+    store = RunStore.open(args.run_dir)
+    state = store.state()
+    if state.get("state") == "running":
+        raise RunDirError(f"{store.dir} is being run by process {state.get('pid')}; stop it first")
+    config = load_run_config(store)
+    done = len(store.read_trials())
+    if args.max_trials is not None:
+        if args.max_trials < max(done, 1):
+            raise RunDirError(
+                f"--max-trials {args.max_trials} is below the {done} trials already done"
+            )
+        config = config.model_copy(
+            update={"budget": config.budget.model_copy(update={"max_trials": args.max_trials})}
+        )
+        atomic_write(store.dir / STUDY, config.to_yaml())
+    if done >= config.budget.max_trials:
+        print(
+            f"{store.dir}: all {done} trials of the budget are done; raise it with --max-trials N"
+        )
+        return 0
+    return drive(store, prepare(config), resume=True, quiet=args.quiet)

@@ -1,0 +1,72 @@
+"""`evomerge status RUN_DIR [--json]`: progress, best fitness, best recipe summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory")
+    p.add_argument("--json", action="store_true", help="one JSON object for scripts")
+
+
+def summarize(run_dir: str) -> dict:
+    from evomerge.recipe import read_yaml
+    from evomerge.runstore import RunStore, best_trial
+
+    store = RunStore.open(run_dir)
+    study = read_yaml(store.dir / "study.yaml")
+    records = store.read_trials()
+    best = best_trial(records)
+    seconds = [r.seconds.get("total", 0.0) for r in records if r.status != "duplicate"]
+    out = {
+        "name": study.get("name"),
+        "state": store.state().get("state"),
+        "trials_completed": len(records),
+        "budget": study.get("budget", {}).get("max_trials"),
+        "failed": sum(1 for r in records if r.status == "failed"),
+        "duplicates": sum(1 for r in records if r.status == "duplicate"),
+        "seconds_per_trial": round(sum(seconds) / len(seconds), 3) if seconds else None,
+        "best": None,
+        "run_dir": str(store.dir),
+    }
+    if best is not None:
+        out["best"] = {
+            "trial": best.trial,
+            "fitness": best.fitness[0] if len(best.fitness) == 1 else best.fitness,
+            "scores": best.scores,
+        }
+        recipe_path = store.dir / "best" / "recipe.yaml"
+        if recipe_path.exists():
+            recipe = read_yaml(recipe_path)
+            methods: dict[str, int] = {}
+            for s in recipe.get("sections", []):
+                methods[s["method"]] = methods.get(s["method"], 0) + 1
+            out["best"]["methods"] = methods
+            out["best"]["recipe"] = str(recipe_path)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    info = summarize(args.run_dir)
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+        return 0
+    print(
+        f"{info['name']}: {info['state']}, {info['trials_completed']}/{info['budget']} trials "
+        f"({info['failed']} failed, {info['duplicates']} duplicates), {info['seconds_per_trial']} s per trial"
+    )
+    best = info["best"]
+    if best is None:
+        print("no successful trial yet")
+        return 0
+    fit = best["fitness"]
+    fit_s = f"{fit:.4f}" if isinstance(fit, float) else str(fit)
+    print(f"best: trial {best['trial']}, fitness {fit_s}")
+    for task, metrics in best["scores"].items():
+        print(f"  {task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if "methods" in best:
+        print("  sections by method: " + ", ".join(f"{k} x{v}" for k, v in best["methods"].items()))
+        print(f"  recipe: {best['recipe']}")
+    return 0

@@ -1,0 +1,31 @@
+"""In-process executor: one worker, jobs run one at a time inside wait(). For laptops and tests."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from evomerge.executors.base import EXECUTORS, Executor, Job, JobResult
+from evomerge.worker import Worker, WorkerSpec
+
+
+class LocalExecutor(Executor):
+    name = "local"
+
+    def __init__(self, spec: WorkerSpec, *, workers: int = 1, **options: Any) -> None:
+        super().__init__(spec, workers=1)
+        self.worker = Worker(spec)
+        self._queue: deque[Job] = deque()
+
+    def submit(self, job: Job) -> None:
+        self._queue.append(job)
+
+    def wait(self) -> list[JobResult]:
+        job = self._queue.popleft()
+        return [JobResult(job, self.worker.evaluate(job.recipe, job.split))]
+
+    def in_flight(self) -> int:
+        return len(self._queue)
+
+
+EXECUTORS.register("local", LocalExecutor)

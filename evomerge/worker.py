@@ -1,0 +1,149 @@
+"""A worker: one live model with resident sources and built-once scorers.
+
+Each candidate is materialized in place into the live model and scored; nothing touches disk.
+The same class runs in process (local executor) and inside Ray actors.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from evomerge.errors import CandidateError, ResourceError, UserError
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build itself; plain data so it ships to Ray actors."""
+
+    models: dict[str, str]  # name -> path, the base first when there is one
+    base: str | None
+    reference: str  # the model whose architecture and tokenizer the live model has
+    device: str
+    dtype: str
+    scoring: dict[str, Any]  # ScoringConfig fields for the search split
+    heldout: dict[str, Any] | None = None  # ScoringConfig fields for held-out tasks
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class Outcome:
+    scores: dict[str, dict[str, float]] | None
+    error: str | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    worker: str = ""
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        t0 = time.perf_counter()
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{self.device}"
+        try:
+            self._load(spec)
+        except Exception as exc:
+            if _is_oom(exc):
+                raise oom_error(spec, self.device, "loading the models", exc) from exc
+            raise
+        self._scorers: dict[str, Any] = {}
+        self.load_seconds = time.perf_counter() - t0
+
+    def _load(self, spec: WorkerSpec) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from evomerge.checkpoint import parse_dtype
+        from evomerge.plan import open_readers
+        from evomerge.recipe import Recipe, Section
+        from evomerge.resident import InPlaceMerger, ResidentSources
+
+        probe = Recipe(
+            models=spec.models,
+            base_model=spec.base,
+            tokenizer_source=spec.reference,
+            sections=[Section(method="passthrough", models={spec.reference: {}})],
+        )
+        self.readers = open_readers(probe, allow_pickle=spec.allow_pickle)
+        ref_path = self.readers[spec.reference].path
+        dtype = parse_dtype(spec.dtype) or torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(
+            ref_path, dtype=dtype, trust_remote_code=spec.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            ref_path, trust_remote_code=spec.trust_remote_code
+        )
+        self.sources = ResidentSources(self.readers, device=self.device)
+        self.merger = InPlaceMerger.for_model(self.model, probe, self.readers, self.sources)
+
+    def scorer(self, split: str) -> Any:
+        from evomerge.scoring import Scorer, ScoringConfig
+
+        if split not in self._scorers:
+            fields = self.spec.scoring if split == "search" else self.spec.heldout
+            if fields is None:
+                raise UserError("this study names no held-out tasks (tasks.heldout)")
+            self._scorers[split] = Scorer(self.model, self.tokenizer, ScoringConfig(**fields))
+        return self._scorers[split]
+
+    def evaluate(self, recipe_data: dict[str, Any], split: str = "search") -> Outcome:
+        """Merge in place and score. A failing candidate returns its error; it never raises."""
+        from evomerge.recipe import Recipe
+
+        seconds: dict[str, float] = {}
+        scorer = self.scorer(split)  # a broken task setup is the user's error: it propagates
+        t0 = time.perf_counter()
+        try:
+            recipe = Recipe.model_validate(recipe_data)
+            seconds["merge"] = self.merger.apply(recipe)
+            result = scorer.score()
+            seconds["score"] = result.seconds
+            seconds["forward"] = result.forward_seconds
+            seconds["harness"] = result.overhead_seconds
+            seconds["total"] = time.perf_counter() - t0
+            return Outcome(result.metrics, None, seconds, self.name)
+        except Exception as exc:  # a candidate that breaks is data, not the end of the study
+            if _is_oom(exc):
+                raise oom_error(self.spec, self.device, "evaluating a candidate", exc) from exc
+            seconds["total"] = time.perf_counter() - t0
+            msg = (
+                str(exc)
+                if isinstance(exc, (CandidateError, UserError))
+                else traceback.format_exception_only(type(exc), exc)[-1].strip()
+            )
+            return Outcome(None, msg, seconds, self.name)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return (
+        type(exc).__name__ == "OutOfMemoryError"
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
+
+
+def oom_error(spec: WorkerSpec, device: str, stage: str, exc: BaseException) -> ResourceError:
+    """Out of memory is the study's size, not the candidate's fault: say what to make smaller."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    batch = spec.scoring.get("batch_size")
+    return ResourceError(
+        f"out of memory on {device} while {stage} ({len(spec.models)} models resident in their "
+        f"file dtype + the live model in {spec.dtype}, tasks.batch_size {batch}): keep fewer "
+        "sources (models.sources), use dtype: bfloat16, lower tasks.batch_size, or run fewer "
+        f"workers per device / use a device with more memory. ({first[:200]})"
+    )

@@ -1,0 +1,96 @@
+"""A complete tiny study on disk: random tiny Llamas with a tokenizer, a local task, study.yaml."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import yaml
+
+from tests.model_factory import save_tiny_llama
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def save_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<pad>", "<s>", "</s>", *WORDS, "Q:", "A:"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    fast.save_pretrained(out)
+
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{q}}}} A:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_task(folder: Path, name: str, seed: int, n: int = 12) -> None:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        q = " ".join(rng.sample(WORDS, 3))
+        choices = rng.sample(WORDS, 3)
+        rows.append({"q": q, "choices": choices, "label": rng.randrange(3)})
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data))
+
+
+def make_tiny_study(
+    root: Path, *, optimizer: dict | None = None, max_trials: int = 6, preset: str = "linear"
+) -> Path:
+    """Models in root/models, tasks in root/tasks, and root/study.yaml; returns the study path."""
+    models = root / "models"
+    base = save_tiny_llama(models / "base", seed=0, layers=2, vocab=46)
+    save_tokenizer(base)
+    for i, name in enumerate(["s1", "s2"]):
+        save_tiny_llama(models / name, seed=i + 1, base=base, noise=0.05)
+        save_tokenizer(models / name)
+    tasks = root / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    write_task(tasks, "tiny_search", seed=1)
+    write_task(tasks, "tiny_heldout", seed=2)
+    study = {
+        "name": "tiny",
+        "models": {
+            "base": "models/base",
+            "sources": [{"name": "s1", "path": "models/s1"}, {"name": "s2", "path": "models/s2"}],
+        },
+        "search_space": {"preset": preset, "granularity": 1},
+        "tasks": {
+            "include_path": ["tasks"],
+            "search": ["tiny_search"],
+            "heldout": ["tiny_heldout"],
+            "batch_size": 8,
+        },
+        "optimizer": optimizer or {"name": "cma", "popsize": 4, "sigma0": 0.3},
+        "budget": {"max_trials": max_trials},
+        "device": "cpu",
+        "seed": 0,
+    }
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path

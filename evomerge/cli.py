@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from evomerge.memory import keep_freed_memory
+
+    keep_freed_memory()
     try:
         module = importlib.import_module(args._module)
         return int(module.run(args) or 0)

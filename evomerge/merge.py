@@ -24,30 +24,69 @@ from evomerge.plan import TensorTask, open_readers, plan_merge
 from evomerge.recipe import Recipe
 from evomerge.safetensors_stream import ShardStream, TensorSpec, assign_shards, shard_names
 
+# Elementwise methods run on chunks of this many elements: ~1 MiB of fp32 per operand, so the
+# temporaries of one chunk stay in L2 cache and each weight crosses DRAM about once.
+CHUNK_ELEMENTS = 1 << 18
+
 
 def run_task(
     task: TensorTask,
     load: Callable[[str, str], torch.Tensor],
     *,
-    deltas: list[torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor. `load(model, tensor_name)` returns that source tensor in compute dtype."""
+    """Merge one tensor, into `out` when given (then returned), else into a new tensor.
+
+    `load(model, tensor_name)` returns the source tensor as stored (any dtype); it is cast to
+    `compute_dtype` here, per chunk for elementwise methods and whole otherwise.
+    """
+    name = task.out.name
     base = load(task.base, task.out.sources[task.base]) if task.base is not None else None
-    tensors = None if deltas is not None else [load(m, task.out.sources[m]) for m in task.models]
+    tensors = [load(m, task.out.sources[m]) for m in task.models]
+    if (
+        task.method.elementwise
+        and out is not None
+        and out.is_contiguous()
+        and out.numel() > CHUNK_ELEMENTS
+    ):
+        flat_out = out.view(-1)
+        flat_base = base.reshape(-1) if base is not None else None
+        flats = [t.reshape(-1) for t in tensors]
+        for a in range(0, flat_out.numel(), CHUNK_ELEMENTS):
+            b = min(a + CHUNK_ELEMENTS, flat_out.numel())
+            chunk_base = flat_base[a:b].to(compute_dtype) if flat_base is not None else None
+            chunk = _merge_one(
+                task, chunk_base, [f[a:b].to(compute_dtype) for f in flats], None, name
+            )
+            flat_out[a:b].copy_(chunk)
+        return out
     gen = None
     if task.method.randomized:
         gen = torch.Generator(device=device)
         gen.manual_seed(task.seed)
-    inp = MergeInput(
-        base,
-        tensors,
-        task.model_params,
-        task.global_params,
-        deltas=deltas,
-        generator=gen,
-        name=task.out.name,
+    merged = _merge_one(
+        task,
+        base.to(compute_dtype) if base is not None else None,
+        [t.to(compute_dtype) for t in tensors],
+        gen,
+        name,
     )
+    if out is None:
+        return merged
+    out.copy_(merged)
+    return out
+
+
+def _merge_one(
+    task: TensorTask,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    gen: torch.Generator | None,
+    name: str,
+) -> torch.Tensor:
+    inp = MergeInput(base, tensors, task.model_params, task.global_params, generator=gen, name=name)
     return task.method.merge(inp)
 
 
@@ -89,7 +128,7 @@ def merge_to_disk(
     allow_pickle: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    extra_files: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
 ) -> MergeStats:
     """Stream the merge into `out_dir`: one tensor per source in memory, written atomically.
 
@@ -120,13 +159,14 @@ def merge_to_disk(
         total = 0
 
         def load(model: str, name: str) -> torch.Tensor:
-            return readers[model].get(name, device=device, dtype=compute_dtype)
+            return readers[model].get(name, device=device)
 
         for shard_specs, fname in zip(shards, names, strict=True):
             stream = ShardStream(tmp / fname, shard_specs)
             for spec in shard_specs:
                 task = tasks[i]
-                merged = run_task(task, load, device=device).to(spec.dtype)
+                out_t = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+                merged = run_task(task, load, device=device, compute_dtype=compute_dtype, out=out_t)
                 stream.write(spec.name, merged)
                 total += spec.nbytes
                 i += 1
@@ -146,8 +186,13 @@ def merge_to_disk(
             if (ref / n).exists():
                 shutil.copy2(ref / n, tmp / n)
         _fix_config(tmp, recipe, tasks, out_dtype)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (extra_files or {}).items():  # text, or bytes (plots); may nest
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -40,8 +40,8 @@ class ResidentSources:
                 self.tensors[(model, name)] = reader.get(name, device=self.device)
 
     def load(self, model: str, name: str) -> torch.Tensor:
-        t = self.tensors[(model, name)]
-        return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
+        """The tensor as stored; run_task casts it (per chunk when it can)."""
+        return self.tensors[(model, name)]
 
     @property
     def nbytes(self) -> int:
@@ -81,8 +81,13 @@ class InPlaceMerger:
         t0 = time.perf_counter()
         tasks = [resolve_task(recipe, out) for out in self.layout]
         for task in tasks:
-            merged = run_task(task, self.sources.load, device=self.sources.device)
-            self.targets[task.out.name].copy_(merged)
+            run_task(
+                task,
+                self.sources.load,
+                device=self.sources.device,
+                compute_dtype=self.sources.compute_dtype,
+                out=self.targets[task.out.name],
+            )
         if self.sources.device.type == "cuda":
             torch.cuda.synchronize(self.sources.device)
         return time.perf_counter() - t0

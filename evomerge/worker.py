@@ -49,6 +49,9 @@ class Outcome:
 
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
+        from evomerge.memory import keep_freed_memory
+
+        keep_freed_memory()  # Ray actors are fresh processes
         t0 = time.perf_counter()
         self.spec = spec
         self.device = resolve_device(spec.device)
@@ -97,7 +100,9 @@ class Worker:
             fields = self.spec.scoring if split == "search" else self.spec.heldout
             if fields is None:
                 raise UserError("this study names no held-out tasks (tasks.heldout)")
-            self._scorers[split] = Scorer(self.model, self.tokenizer, ScoringConfig(**fields))
+            self._scorers[split] = Scorer(
+                self.model, self.tokenizer, ScoringConfig(**fields), fitness=(split == "search")
+            )
         return self._scorers[split]
 
     def evaluate(self, recipe_data: dict[str, Any], split: str = "search") -> Outcome:

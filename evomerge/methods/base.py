@@ -111,6 +111,9 @@ class MergeMethod:
     randomized: bool = False
     # mergekit drops a source equal to base_model from delta-based methods; this flag says so.
     skips_base_model: bool = False
+    # Output element i depends only on input elements i: the engine may then merge in
+    # cache-sized chunks straight into the output, converting dtypes per chunk.
+    elementwise: bool = False
     doc: str = field(default="", compare=False)
     # Rules that tie parameters together (della: density +/- epsilon inside (0, 1)); called with
     # (model_params, global_params, where) after defaults are filled; raises ConfigError.

@@ -349,6 +349,7 @@ def _register(
     extra: tuple[Param, ...] = (),
     random: bool = False,
     check: Check | None = None,
+    elementwise: bool = False,
     doc: str,
 ) -> None:
     register_method(
@@ -361,6 +362,7 @@ def _register(
             randomized=random,
             skips_base_model=True,
             check=check,
+            elementwise=elementwise,
             doc=doc,
         )
     )
@@ -373,6 +375,7 @@ _register(
     (),
     normalize=False,
     rescale=False,
+    elementwise=True,
     doc="base + lambda * sum_i w_i delta_i",
 )
 _register(

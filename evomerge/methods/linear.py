@@ -35,6 +35,7 @@ def _merge(inp: MergeInput) -> Tensor:
 register_method(
     MergeMethod(
         name="linear",
+        elementwise=True,
         merge=_merge,
         params=(
             Param("weight", None, True, help="coefficient of this model (required)"),

@@ -19,6 +19,7 @@ def _merge(inp: MergeInput) -> Tensor:
 register_method(
     MergeMethod(
         name="passthrough",
+        elementwise=True,
         merge=_merge,
         params=(Param("scale", 1.0, True, help="multiplier of the tensor (mergekit: unset = 1)"),),
         min_models=1,

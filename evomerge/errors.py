@@ -41,3 +41,7 @@ class RunDirError(UserError, ValueError):
 
 class CandidateError(EvomergeError, RuntimeError):
     """A candidate failed by itself (NaN metrics, exception while scoring): recorded, not fatal."""
+
+
+class ResourceError(UserError, MemoryError):
+    """The device cannot hold what the study asks for (out of memory): the message says what to cut."""

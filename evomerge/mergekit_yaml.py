@@ -172,6 +172,7 @@ def to_mergekit(recipe: Recipe, layout: list[OutTensor]) -> dict[str, Any]:
     Per-layer values become gradient lists with one entry per layer (exact at each layer); name
     filters become mergekit filter lists; non-layer tensors get exact-name filters first.
     """
+    from evomerge.methods import METHODS
     from evomerge.plan import resolve_task
 
     methods = {s.method for s in recipe.sections}
@@ -182,6 +183,11 @@ def to_mergekit(recipe: Recipe, layout: list[OutTensor]) -> dict[str, Any]:
     if recipe.slices:
         raise ConfigError("recipes with slices are exported to mergekit only from mergekit configs")
     method = methods.pop()
+    if METHODS.get(method).randomized:
+        raise ConfigError(
+            f"method {method!r} drops parameters at random; mergekit draws its masks with its own "
+            "random generator, so mergekit-yaml would give different tensors"
+        )
     tasks = [resolve_task(recipe, out) for out in layout]
     n_layers = 1 + max((o.layer for o in layout if o.layer is not None), default=0)
     kinds = _tensor_kinds(layout)
@@ -223,14 +229,54 @@ def to_mergekit(recipe: Recipe, layout: list[OutTensor]) -> dict[str, Any]:
         "models": models_out,
         "parameters": global_params,
     }
-    if recipe.base_model:
+    # mergekit feeds base_model to every method as one more input (linear would then ask for its
+    # weight), so name it only where our tasks use it. tokenizer_source is left out: mergekit then
+    # copies config and tokenizer from base_model (or the first model) without re-mapping the
+    # embeddings, which a tokenizer_source would trigger.
+    uses_base = METHODS.get(method).needs_base or recipe.base_model in participants
+    if recipe.base_model and uses_base:
         out["base_model"] = recipe.models[recipe.base_model]
     out["dtype"] = "float32"
     if recipe.dtype:
         out["out_dtype"] = recipe.dtype
-    if recipe.tokenizer_source and recipe.tokenizer_source == recipe.base_model:
-        out["tokenizer_source"] = "base"
+    _check_resolution(out, tasks, recipe)
     return out
+
+
+def _check_resolution(out: dict[str, Any], tasks: list[Any], recipe: Recipe) -> None:
+    """Resolve every tensor's values from the written config by mergekit's rules (first
+    matching substring filter, gradients at t): a name filter that also matches another
+    tensor's name would silently give it the wrong values."""
+    from evomerge.recipe import evaluate_value
+
+    by_path = {recipe.models[m]: m for m in recipe.models}
+    for t in tasks:
+        for key, spec in out["parameters"].items():
+            got = evaluate_value(spec, t.out.name, t.out.t)
+            want = _round(t.global_params.get(key))
+            if not (got == want or _close(got, want)):
+                raise ConfigError(_ambiguous(t.out.name, key))
+        for entry in out["models"]:
+            m = by_path[entry["model"]]
+            if m not in t.models:
+                continue
+            params = t.model_params[t.models.index(m)]
+            for key, spec in entry["parameters"].items():
+                got = evaluate_value(spec, t.out.name, t.out.t)
+                want = _round(params[key])
+                if not (got == want or _close(got, want)):
+                    raise ConfigError(_ambiguous(t.out.name, f"{m}.{key}"))
+
+
+def _close(a: Any, b: Any) -> bool:
+    return isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1e-12 * max(1.0, abs(b))
+
+
+def _ambiguous(tensor: str, param: str) -> str:
+    return (
+        f"mergekit's substring filters cannot single out tensor {tensor!r} for parameter "
+        f"{param!r} (its name is part of another tensor's name)"
+    )
 
 
 def _round(v: Any) -> Any:

@@ -252,3 +252,59 @@ def test_table_marks_best_merge_and_reports_failures():
     assert [r[2] for r in rows] == ["0.600*", "0.500", "-", "0.900"]
     assert notes == ["bad failed on the search tasks: the model produced NaN"]
     assert "bad failed on the search tasks" in format_heldout_table(report)
+
+
+GEN_TASK = """task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Q: {{{{q}}}} A:"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs:
+  until: ["</s>"]
+  max_gen_toks: 3
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_ensemble_generates_through_lm_eval(run_dir, tmp_path):
+    """generate_until through HFLM: an ensemble of one model twice generates what the model
+    does (targets = s1's own greedy answers for half the questions), and swapping weights into
+    one live model generates what separate members do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.ensemble import EnsembleForCausalLM
+    from evomerge.scoring import Scorer, ScoringConfig
+    from tests.study_factory import WORDS
+
+    models = run_dir.parent.parent / "models"
+    tok = AutoTokenizer.from_pretrained(models / "s1")
+    s1, s2 = (AutoModelForCausalLM.from_pretrained(models / s).eval() for s in ("s1", "s2"))
+    rows = []
+    for i in range(8):
+        q = " ".join(WORDS[3 * i : 3 * i + 3])
+        ids = tok(f"Q: {q} A:", return_tensors="pt").input_ids
+        gen = s1.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        answer = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
+        rows.append({"q": q, "a": answer if i % 2 == 0 else "nope"})
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tiny_gen.yaml").write_text(GEN_TASK.format(data=tmp_path / "g.jsonl"))
+    config = ScoringConfig(tasks=("tiny_gen",), include_paths=(str(tmp_path),), batch_size=4)
+
+    def score(model):
+        return Scorer(model, tok, config, fitness=False).score().metrics["tiny_gen"]["exact_match"]
+
+    assert score(s1) == 0.5
+    assert score(EnsembleForCausalLM.of_models([s1, s1])) == 0.5
+    separate = score(EnsembleForCausalLM.of_models([s1, s2]))
+    live = AutoModelForCausalLM.from_pretrained(models / "base").eval()
+    states = [s1.state_dict(), s2.state_dict()]
+    swap = EnsembleForCausalLM.swapping(live, [lambda s=s: live.load_state_dict(s) for s in states])
+    assert score(swap) == separate

@@ -2,7 +2,8 @@
 
 p(token | context) = (1/M) sum_i p_i(token | context). The wrapper looks like a causal LM to
 lm-eval's HFLM: `forward` returns logits = log of the mean probabilities (a log-softmax is then a
-no-op), and `generate` decodes without a KV cache, recomputing every step (slow, exact).
+no-op); `generate` runs the usual generation loop without its cache, while each member keeps its
+own KV cache (one cache cannot hold M models' keys and values).
 
 Members are (model, activate) pairs: `swapping` runs one live model M times per forward, swapping
 each parent's weights in from the worker's resident sources first (no extra memory beyond the
@@ -42,6 +43,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         # registered as submodules: .device, .parameters() and .eval() then see the members
         self.members = torch.nn.ModuleList(dict.fromkeys(models))  # one copy of a shared model
         self._members = list(zip(models, activators, strict=True))
+        self._caches: list[Any] | None = None  # one KV cache per member while generating
+        self._prefix: torch.Tensor | None = None  # the sequence those caches hold
 
     @classmethod
     def swapping(
@@ -65,27 +68,61 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """logits = log mean_i softmax(member_i(input)); (B, T, V) in float32.
+
+        Inside `generate`, each call extends the previous sequence: the members then run only
+        the new tokens against their own KV caches, and the logits cover those tokens only
+        (generation reads the last position).
+        """
         for key in ("past_key_values", "use_cache", "cache_position", "return_dict", "labels"):
             kwargs.pop(key, None)
+        start = self._cached_prefix(input_ids) if self._caches is not None else 0
+        if self._caches is not None and start == 0:
+            self._caches = [None] * len(self._members)
+        new_ids = input_ids[:, start:] if input_ids is not None else None
+        positions = position_ids[:, start:] if position_ids is not None else None
         total: torch.Tensor | None = None
-        for model, activate in self._members:
+        for i, (model, activate) in enumerate(self._members):
             activate()
             out = model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+                input_ids=new_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=self._caches[i] if self._caches is not None else None,
+                use_cache=self._caches is not None,
+                **kwargs,
             )
+            if self._caches is not None:
+                self._caches[i] = out.past_key_values
             logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B, T, V)
             total = logp if total is None else torch.logaddexp(total, logp)
         assert total is not None
+        if self._caches is not None:
+            self._prefix = input_ids
         return CausalLMOutputWithPast(logits=total - math.log(len(self._members)))
 
-    def prepare_inputs_for_generation(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
-    ) -> dict[str, Any]:
-        """Without a cache every step sees the whole sequence."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def _cached_prefix(self, input_ids: torch.Tensor | None) -> int:
+        """Length of the previous call's sequence when `input_ids` extends it, else 0."""
+        prev = self._prefix
+        if (
+            prev is None
+            or input_ids is None
+            or prev.shape[0] != input_ids.shape[0]
+            or prev.shape[1] >= input_ids.shape[1]
+            or not torch.equal(input_ids[:, : prev.shape[1]], prev)
+        ):
+            return 0
+        return prev.shape[1]
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The generation loop passes the whole sequence every step (no outer cache); the members
+        keep one KV cache each, valid within this call."""
         kwargs["use_cache"] = False
-        return super().generate(*args, **kwargs)
+        self._caches, self._prefix = [None] * len(self._members), None
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._caches, self._prefix = None, None

@@ -137,14 +137,25 @@ def test_ensemble_is_the_mean_of_the_parents_probabilities(run_dir):
     states = [m.state_dict() for m in parents]
     swap = EnsembleForCausalLM.swapping(live, [lambda s=s: live.load_state_dict(s) for s in states])
     assert torch.equal(swap(x).logits, ens(x).logits)
-    # greedy decoding without a cache picks the argmax of the mean distribution at every step
-    seq = x[:1]
+    # generation on a left-padded batch: positions follow the mask and each member keeps its own
+    # KV cache; a duplicated member generates what the model does, two members what greedy
+    # decoding of the mean distribution (recomputed in full every step) gives
+    x = torch.tensor([[1, 1, 2, 5, 7], [3, 4, 8, 8, 20], [1, 9, 9, 30, 31]])
+    mask = (x != 1).long()
+    kw = {"attention_mask": mask, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 1}
+    twice = EnsembleForCausalLM.of_models([parents[0], parents[0]]).generate(input_ids=x, **kw)
+    assert torch.equal(twice, parents[0].generate(input_ids=x, **kw))
+    seq, m = x, mask
     with torch.no_grad():
-        for _ in range(4):
-            p = torch.stack([torch.softmax(m(seq).logits[:, -1], -1) for m in parents]).mean(0)
+        for _ in range(5):
+            pos = (m.cumsum(-1) - 1).clamp_min(0)
+            p = torch.stack(
+                [torch.softmax(mm(input_ids=seq, attention_mask=m, position_ids=pos).logits[:, -1].double(), -1)
+                 for mm in parents]
+            ).mean(0)  # fmt: skip
             seq = torch.cat([seq, p.argmax(-1, keepdim=True)], dim=1)
-    out = swap.generate(input_ids=x[:1], max_new_tokens=4, do_sample=False, pad_token_id=1)
-    assert torch.equal(out, seq)
+            m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+    assert torch.equal(swap.generate(input_ids=x, **kw), seq)
 
 
 def test_export_of_a_mixed_method_trial_explains_missing_mergekit_yaml(run_dir, tmp_path):

@@ -320,7 +320,7 @@ def table_cells(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]], 
             for n in names
             if by_name[sp][n]["kind"] != "ensemble" and _value(by_name[sp][n], task) is not None
         ]
-        if vals:
+        if len(set(vals)) > 1:  # a column where every model ties marks nothing
             best[i] = max(vals) if hib else min(vals)
     rows, notes = [], []
     for n in names:
@@ -363,16 +363,20 @@ def format_heldout_table(report: Mapping[str, Any]) -> str:
 
     header, rows, notes = table_cells(report)
     table = Table(title=f"held-out report: {report.get('run', {}).get('name', '')}")
-    for i, h in enumerate(header):
-        table.add_column(
-            h.replace(": ", "\n", 1), justify="left" if i < 2 else "right", no_wrap=i < 2
-        )
+    titles = [
+        h.replace(": ", "\n", 1).replace(" (", "\n(", 1) for h in header
+    ]  # split, task, metric
+    for i, title in enumerate(titles):
+        table.add_column(title, justify="left" if i < 2 else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
+    widths = [
+        max([*map(len, t.split("\n")), *(len(r[i]) for r in rows)]) for i, t in enumerate(titles)
+    ]
     buf = io.StringIO()
     console = Console(
         file=buf,
-        width=max(100, 12 * len(header) + 30),
+        width=max(100, sum(w + 3 for w in widths) + 1),  # never truncate a cell
         color_system=None,
         force_terminal=False,
         force_jupyter=False,  # text, also inside a notebook

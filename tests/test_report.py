@@ -263,6 +263,8 @@ def test_table_marks_best_merge_and_reports_failures():
     assert [r[2] for r in rows] == ["0.600*", "0.500", "-", "0.900"]
     assert notes == ["bad failed on the search tasks: the model produced NaN"]
     assert "bad failed on the search tasks" in format_heldout_table(report)
+    tie = {**report, "search": [row("a", "evolved", 0.0), row("b", "parent", 0.0)]}
+    assert [r[2] for r in table_cells(tie)[1]] == ["0.000", "0.000"]  # all tie: no mark
 
 
 GEN_TASK = """task: tiny_gen

@@ -1,0 +1,1 @@
+"""`evomerge bench`: throughput of merging, scoring and workers on this hardware."""

@@ -1,0 +1,99 @@
+"""`evomerge bench`: merge, scoring and worker throughput on this hardware, with references."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+PARTS = ("merge", "scoring", "workers")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {', '.join(PARTS)} (default: all)",
+    )
+    p.add_argument(
+        "--size",
+        choices=["0.4b", "tiny"],
+        default="0.4b",
+        help="merge part: model size (default: 0.4b, as in the issue)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda (default: cuda when available)")
+    p.add_argument(
+        "--work-dir", default="runs/bench", help="where bench models and outputs live (reused)"
+    )
+    p.add_argument("--no-mergekit", action="store_true", help="skip the mergekit-yaml reference")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=6,
+        help="scoring/workers parts: candidates per measurement",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from evomerge.errors import ConfigError
+    from evomerge.worker import resolve_device
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ConfigError(f"--parts: unknown part {bad[0]!r} (choose from {', '.join(PARTS)})")
+    device = resolve_device(args.device)
+    work = Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict[str, object] = {"device": device}
+    if "merge" in parts:
+        from evomerge.bench.merge_bench import run_merge_bench
+
+        report["merge"] = run_merge_bench(
+            work / "merge", size=args.size, device=device, mergekit=not args.no_mergekit
+        )
+        if not args.json:
+            print_merge(report["merge"])
+    if "scoring" in parts:
+        from evomerge.bench.scoring_bench import run_scoring_bench
+
+        report["scoring"] = run_scoring_bench(
+            work / "zoo", device=device, candidates=args.candidates
+        )
+        if not args.json:
+            print_table("scoring (per candidate, demo zoo tasks)", report["scoring"])
+    if "workers" in parts:
+        from evomerge.bench.workers_bench import run_workers_bench
+
+        report["workers"] = run_workers_bench(
+            work / "zoo", device=device, candidates=args.candidates
+        )
+        if not args.json:
+            print_table("workers (candidates per minute)", report["workers"])
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    return 0
+
+
+def print_merge(m: dict) -> None:
+    print(
+        f"merge: random Llama, {m['params'] / 1e9:.2f}B parameters, bf16, base + 2 fine-tunes, device {m['device']}"
+    )
+    print(f"{'method':<10}{'evomerge s':>12}{'mergekit s':>12}{'speedup':>10}")
+    for name, row in m["methods"].items():
+        print(
+            f"{name:<10}{row['evomerge_s']:>12.2f}{row.get('mergekit_s', float('nan')):>12.2f}{row.get('speedup', float('nan')):>9.2f}x"
+        )
+    mem = m["in_memory_linear"]
+    print(
+        f"in-memory linear merge: {mem['seconds']:.3f} s, {mem['gbps']:.2f} GB/s; memory copy {mem['copy_gbps']:.2f} GB/s "
+        f"-> {100 * mem['fraction_of_copy']:.0f}% of copy bandwidth"
+    )
+
+
+def print_table(title: str, rows: dict) -> None:
+    print(title)
+    for key, value in rows.items():
+        print(f"  {key:<36} {value}")

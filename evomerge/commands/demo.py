@@ -1,0 +1,72 @@
+"""`evomerge demo`: build the zoo if missing, run the demo study, export, print the held-out table.
+
+Re-running it reuses what exists: the zoo, a finished run (exported again), or an interrupted
+run (resumed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runs-dir", default="runs", help="where the zoo and the run live (default: runs)"
+    )
+    p.add_argument("--max-trials", type=int, help="override the demo budget")
+    p.add_argument("--executor", choices=["local", "ray"], help="override the demo's executor")
+    p.add_argument("--workers", type=int, help="override the number of workers")
+    p.add_argument(
+        "--small", action="store_true", help="the small zoo (seconds to build; a weaker problem)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from evomerge.commands.run import drive, overrides
+    from evomerge.config import load_study_config
+    from evomerge.export import export_run, format_heldout_table
+    from evomerge.runstore import RunStore
+    from evomerge.study import load_run_config, prepare
+    from evomerge.zoo import build_zoo
+
+    t0 = time.perf_counter()
+    runs = Path(args.runs_dir).resolve()
+    zoo_dir = runs / ("zoo-small" if args.small else "zoo")
+    print(f"[1/3] demo zoo in {zoo_dir}")
+    build_zoo(zoo_dir, small=args.small, progress=not args.quiet)
+    t_zoo = time.perf_counter() - t0
+    config = load_study_config(zoo_dir / "study.yaml", overrides(args))
+    run_dir = runs / config.name
+    store = RunStore(run_dir)
+    if (run_dir / "study.yaml").exists():
+        store = RunStore.open(run_dir)
+        config = load_run_config(store)
+        done = len(store.read_trials())
+        if done < config.budget.max_trials:
+            print(f"[2/3] resuming {run_dir} ({done}/{config.budget.max_trials} trials done)")
+            code = drive(store, prepare(config), resume=True, quiet=args.quiet)
+            if code:
+                return code
+        else:
+            print(f"[2/3] {run_dir} is finished ({done} trials); reusing it")
+    else:
+        print(
+            f"[2/3] evolving a merge: {config.optimizer.name}, {config.budget.max_trials} trials, executor {config.executor.kind}"
+        )
+        store = RunStore.create(run_dir, config.to_yaml())
+        code = drive(store, prepare(config), resume=False, quiet=args.quiet)
+        if code:
+            return code
+    t_search = time.perf_counter() - t0 - t_zoo
+    print(f"[3/3] exporting the winner to {run_dir / 'export'} and scoring held-out baselines")
+    result = export_run(run_dir, run_dir / "export", force=True, progress=not args.quiet)
+    print(format_heldout_table(result.report))
+    total = time.perf_counter() - t0
+    print(
+        f"demo done in {total:.0f} s (zoo {t_zoo:.0f} s, search {t_search:.0f} s, export and report {total - t_zoo - t_search:.0f} s)"
+    )
+    return 0

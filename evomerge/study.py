@@ -8,8 +8,12 @@ in trials.jsonl is told from that line instead of being evaluated again.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +161,44 @@ def warm_start_genome(space: SearchSpace, recipe_path: str) -> dict[str, float |
     return genome
 
 
+class InterruptGate:
+    """Ctrl-C raises only while waiting on workers; during bookkeeping (append, tell, save) it
+    is held until the step is complete, so state on disk is never half-updated. (pycma's
+    pickling, for one, turns an interrupt inside it into an unrelated AttributeError.)"""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.waiting = False
+        self._previous: Any = None
+
+    def __enter__(self) -> InterruptGate:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.waiting:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def waiting_on_workers(self) -> Iterator[None]:
+        self.check()
+        self.waiting = True
+        try:
+            yield
+        finally:
+            self.waiting = False
+
+
 class Study:
     """Drives one run directory to its budget."""
 
@@ -218,33 +260,37 @@ class Study:
         in_flight: dict[int, Any] = {}
         stopped_by = "budget"
         try:
-            while True:
-                out_of_time = deadline is not None and time.monotonic() >= deadline
-                while (
-                    not out_of_time
-                    and len(self.records) + len(in_flight) < budget
-                    and len(in_flight) < executor.workers
-                ):
-                    prop = redo.popleft() if redo else optimizer.ask()
-                    if prop is None:
+            with InterruptGate() as gate:
+                while True:
+                    gate.check()
+                    out_of_time = deadline is not None and time.monotonic() >= deadline
+                    while (
+                        not out_of_time
+                        and len(self.records) + len(in_flight) < budget
+                        and len(in_flight) < executor.workers
+                    ):
+                        prop = redo.popleft() if redo else optimizer.ask()
+                        if prop is None:
+                            break
+                        optimizer.save()
+                        recipe = self.p.space.decode(prop.params)
+                        h = recipe.content_hash()
+                        if h in self.by_hash:
+                            self._record_duplicate(optimizer, prop, h)
+                            bar.update(self.records[-1], self.best)
+                            continue
+                        in_flight[prop.id] = (prop, recipe, h)
+                        executor.submit(Job(prop.id, recipe.to_dict()))
+                    if not in_flight:
+                        if out_of_time:
+                            stopped_by = "time"
                         break
-                    optimizer.save()
-                    recipe = self.p.space.decode(prop.params)
-                    h = recipe.content_hash()
-                    if h in self.by_hash:
-                        self._record_duplicate(optimizer, prop, h)
+                    with gate.waiting_on_workers():
+                        results = executor.wait()
+                    for result in results:
+                        prop, recipe, h = in_flight.pop(result.job.key)
+                        self._record(optimizer, prop, recipe, h, result.outcome)
                         bar.update(self.records[-1], self.best)
-                        continue
-                    in_flight[prop.id] = (prop, recipe, h)
-                    executor.submit(Job(prop.id, recipe.to_dict()))
-                if not in_flight:
-                    if out_of_time:
-                        stopped_by = "time"
-                    break
-                for result in executor.wait():
-                    prop, recipe, h = in_flight.pop(result.job.key)
-                    self._record(optimizer, prop, recipe, h, result.outcome)
-                    bar.update(self.records[-1], self.best)
         except BaseException:  # Ctrl-C or a crash: what finished is already on disk
             self.store.set_state("interrupted", trials=len(self.records))
             raise

@@ -255,6 +255,7 @@ class Study:
             cfg.executor.kind,
             self.p.worker_spec,
             workers=cfg.executor.workers,
+            **executor_settings(cfg),
             **(executor_options or {}),
         )
         in_flight: dict[int, Any] = {}
@@ -349,6 +350,17 @@ class Study:
         self.recorded[prop.id] = rec
         optimizer.tell(prop.id, rec.fitness)
         optimizer.save()
+
+
+def executor_settings(cfg: StudyConfig) -> dict[str, Any]:
+    """The executor's own options from the study config (CLI flags are already merged in)."""
+    ex = cfg.executor
+    if ex.kind == "ray":
+        out: dict[str, Any] = {"ray_address": ex.ray_address, "gpus_per_worker": ex.gpus_per_worker}
+        if ex.threads is not None:
+            out["cpus_per_worker"] = ex.threads
+        return out
+    return {"threads": ex.threads}
 
 
 def _has_state(run_dir: Path) -> bool:

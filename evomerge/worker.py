@@ -93,6 +93,10 @@ class Worker:
         self.sources = ResidentSources(self.readers, device=self.device)
         self.merger = InPlaceMerger.for_model(self.model, probe, self.readers, self.sources)
 
+    @staticmethod
+    def uses_cpu(spec: WorkerSpec) -> bool:
+        return resolve_device(spec.device) == "cpu"
+
     def scorer(self, split: str) -> Any:
         from evomerge.scoring import Scorer, ScoringConfig
 

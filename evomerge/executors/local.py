@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
 
 from evomerge.executors.base import EXECUTORS, Executor, Job, JobResult
 from evomerge.worker import Worker, WorkerSpec
@@ -12,8 +11,14 @@ from evomerge.worker import Worker, WorkerSpec
 class LocalExecutor(Executor):
     name = "local"
 
-    def __init__(self, spec: WorkerSpec, *, workers: int = 1, **options: Any) -> None:
+    def __init__(self, spec: WorkerSpec, *, workers: int = 1, threads: int | None = None) -> None:
         super().__init__(spec, workers=1)
+        if threads is not None or Worker.uses_cpu(spec):
+            import torch
+
+            # One thread unless asked: on 2 shared cores the demo's candidates ran 5-20x slower
+            # with torch's default of one thread per core (OpenMP barriers under load).
+            torch.set_num_threads(threads or 1)
         self.worker = Worker(spec)
         self._queue: deque[Job] = deque()
 

@@ -124,6 +124,11 @@ class ExecutorConfig(_Frozen):
     gpus_per_worker: float | None = Field(
         None, ge=0, description="default: 1 when the cluster has GPUs, else 0"
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of a CPU worker (default 1: tiny models run faster single-threaded)",
+    )
 
 
 class StudyConfig(_Frozen):

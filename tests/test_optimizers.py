@@ -200,6 +200,25 @@ def test_resume_in_a_new_process_continues_exactly(reference, tmp_path) -> None:
         assert log == json.loads(json.dumps(reference(name))), name
 
 
+@pytest.mark.parametrize("name", [n for n in ALL if n != "cma"])
+def test_optuna_kill_inside_ask_resumes_the_same_search(name, reference, tmp_path) -> None:
+    """SIGKILL between Optuna creating a trial and suggesting its last parameter leaves a RUNNING
+    trial with some parameters: it was never handed out, so the resumed search must propose
+    exactly what the uninterrupted one did (same ids, same parameters)."""
+    import optuna
+
+    log, _ = drive(name, tmp_path, TOTAL, crashes={7: "stop"})
+    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{tmp_path}/optuna.db")
+    torn = study.ask()
+    torn.suggest_float("a", 0.0, 1.0)  # ... and the process dies here
+    resumed, redispatched = drive(name, tmp_path, TOTAL, log=log)
+    assert redispatched == [1]
+    assert resumed == reference(name)
+    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{tmp_path}/optuna.db")
+    numbers = [t.number for t in study.get_trials(deepcopy=False)]
+    assert numbers == list(range(TOTAL))  # the torn trial is gone, its number reused
+
+
 @pytest.mark.parametrize("name", ["cma", "optuna_tpe"])  # every Optuna sampler: one seeding path
 def test_seed_decides_the_sequence(name, reference, tmp_path) -> None:
     other, _ = drive(name, tmp_path, 2, seed=4)

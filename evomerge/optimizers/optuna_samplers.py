@@ -13,8 +13,12 @@ is read from the storage (TPE/random: the finished trials; CMA-ES: its pickled o
 trials' system attributes; NSGA-II: generations in system attributes), so the proposal for a
 given history is the same in a run, after a resume, and after a crash at any point: nothing needs
 to be pickled beside the database. A crash inside `ask`, between Optuna creating a trial and
-suggesting its last parameter, leaves a RUNNING trial without all parameters; `load()` marks it
-FAIL (the loop never saw it).
+suggesting its last parameter, leaves a RUNNING trial without all parameters, which the loop
+never saw. `load()` deletes it (with what the sampler attached to it), so the next trial gets its
+number again: CmaEsSampler seeds each trial with its number, so a kept torn trial would change
+every later proposal. Only the last trial can be torn (one controller asks at a time); a torn
+trial that is somehow not the last is marked FAIL instead. Proposal ids are the ranks of the
+trials handed out whole (all parameters set), so they never depend on that repair.
 
 Categoricals. TPE, NSGA-II and random sample them natively. CmaEsSampler does not (it falls back
 to random sampling), so `optuna_cmaes` encodes each choice as a float score in [0, 1] named
@@ -130,7 +134,7 @@ class OptunaOptimizer(Optimizer):
         self._study.set_user_attr(_SIGNATURE_ATTR, self.signature())
         if x0:
             self._study.enqueue_trial(self._encode(x0))
-        self._n_asked = 0
+        self._numbers: list[int] = []  # proposal id -> Optuna trial number
 
     def _restore(self) -> None:
         optuna = self._open()
@@ -139,11 +143,48 @@ class OptunaOptimizer(Optimizer):
         except KeyError:
             raise ConfigError(f"{self.db_path} holds no study named {STUDY_NAME!r}") from None
         self.check_signature(self._study.user_attrs.get(_SIGNATURE_ATTR, {}), self.db_path)
-        waiting = optuna.trial.TrialState.WAITING
-        self._n_asked = sum(t.state != waiting for t in self._study.get_trials(deepcopy=False))
-        for t in self._running():
-            if set(t.params) != set(self._dists):  # crash inside ask: never handed out
-                self._study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        state = optuna.trial.TrialState
+        trials = self._study.get_trials(deepcopy=False)
+        torn = [t for t in trials if t.state == state.RUNNING and not self._whole(t)]
+        if torn == trials[-1:] and self._delete_last_trial(trials[-1].number):
+            self._study = optuna.load_study(study_name=STUDY_NAME, storage=self._rdb)
+        else:
+            for t in torn:
+                self._study.tell(t.number, state=state.FAIL)
+        handed_out = [
+            t
+            for t in self._study.get_trials(deepcopy=False)
+            if t.state != state.WAITING and self._whole(t)
+        ]
+        self._numbers = sorted(t.number for t in handed_out)
+
+    def _delete_last_trial(self, number: int) -> bool:
+        """Remove trial `number` (the study's last) and everything attached to it, as if its ask
+        never began. Uses Optuna's RDB schema (cascading deletes); False when that is not
+        possible, and the caller marks the trial FAIL instead."""
+        try:
+            from optuna.storages._rdb import models
+            from sqlalchemy import orm
+
+            with orm.Session(self._rdb.engine) as session:
+                study = session.query(models.StudyModel).filter_by(study_name=STUDY_NAME).one()
+                row = (
+                    session.query(models.TrialModel)
+                    .filter_by(study_id=study.study_id, number=number)
+                    .one()
+                )
+                session.delete(row)
+                session.commit()
+        except Exception:  # a schema this code does not know: keep the trial, as FAIL
+            return False
+        return True
+
+    def _whole(self, trial: Any) -> bool:
+        """Whether `trial` got every parameter (was handed out), not aborted inside `ask`."""
+        return set(trial.params) == set(self._dists)
+
+    def _proposal_id(self, number: int) -> int:
+        return self._numbers.index(number)
 
     def _encode(self, params: Params) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -179,23 +220,28 @@ class OptunaOptimizer(Optimizer):
         return sorted(trials, key=lambda t: t.number)
 
     def ask(self) -> Proposal:
-        self._study.sampler = self._sampler_for(self._n_asked)
+        self._study.sampler = self._sampler_for(len(self._numbers))
         trial = self._study.ask(fixed_distributions=self._dists)
-        self._n_asked += 1
-        return Proposal(trial.number, self._decode(trial.params))
+        self._numbers.append(trial.number)
+        return Proposal(len(self._numbers) - 1, self._decode(trial.params))
 
     def pending(self) -> list[Proposal]:
-        return [Proposal(t.number, self._decode(t.params)) for t in self._running()]
+        return [
+            Proposal(self._proposal_id(t.number), self._decode(t.params)) for t in self._running()
+        ]
 
     def tell(self, proposal_id: int, values: Sequence[float] | None) -> None:
         from optuna.trial import TrialState
 
         vals = self._values(proposal_id, values)
-        try:  # Optuna refuses a trial that is not RUNNING (ValueError) or does not exist
+        if not 0 <= proposal_id < len(self._numbers):
+            raise ValueError(f"proposal {proposal_id} is not pending: it was never asked")
+        number = self._numbers[proposal_id]
+        try:  # Optuna refuses a trial that is not RUNNING (ValueError)
             if vals is None:
-                self._study.tell(proposal_id, state=TrialState.FAIL)
+                self._study.tell(number, state=TrialState.FAIL)
             else:
-                self._study.tell(proposal_id, list(vals))
+                self._study.tell(number, list(vals))
         except (KeyError, ValueError) as exc:
             raise ValueError(f"proposal {proposal_id} is not pending: {exc}") from None
 
@@ -210,7 +256,7 @@ class OptunaOptimizer(Optimizer):
         if not done:
             return None
         t = max(done, key=lambda t: (t.values[0], -t.number))
-        return Proposal(t.number, self._decode(t.params)), tuple(t.values)
+        return Proposal(self._proposal_id(t.number), self._decode(t.params)), tuple(t.values)
 
     @property
     def study(self) -> Any:

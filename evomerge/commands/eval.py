@@ -1,4 +1,6 @@
-"""`evomerge eval MODEL_DIR --tasks T1,T2`: score one checkpoint with the scorer a study uses.
+"""`evomerge eval MODEL_DIR [MODEL_DIR ...] --tasks T1,T2`: score checkpoints with the scorer a
+study uses. Several folders print one comparison table (model x task primary metric, and the
+mean), e.g. the demo zoo's parent x skill table; `--json` prints one JSON object per model.
 
 Importing this module stays light (no torch, no lm_eval): `evomerge --help` imports it.
 """
@@ -30,7 +32,12 @@ def _limit(text: str) -> int | float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (safetensors)")
+    parser.add_argument(
+        "model_dirs",
+        nargs="+",
+        metavar="MODEL_DIR",
+        help="checkpoint folder (safetensors); several print one comparison table",
+    )
     parser.add_argument(
         "--tasks",
         action="append",
@@ -136,6 +143,38 @@ def _print_table(model_dir: str, result: Any, primary: dict[str, tuple[str, bool
     )
 
 
+def _print_comparison(rows: list[tuple[str, Any]], primary: dict[str, tuple[str, bool]]) -> None:
+    """One row per model: each task's primary metric and their mean (best per column in bold)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    tasks = list(primary)
+    table = Table(title="evomerge eval: primary metric per task")
+    table.add_column("model", no_wrap=True)
+    for task in tasks:
+        metric, up = primary[task]
+        table.add_column(f"{task}\n{metric} {'↑' if up else '↓'}", justify="right", no_wrap=True)
+    table.add_column("mean", justify="right")
+    values = {
+        name: [result.metrics.get(t, {}).get(primary[t][0], float("nan")) for t in tasks]
+        for name, result in rows
+    }
+    means = {name: sum(v) / len(v) for name, v in values.items()}
+    for name, _ in rows:
+        table.add_row(name, *(f"{v:.4f}" for v in values[name]), f"{means[name]:.4f}")
+    widths = [max(len(n) for n, _ in rows), *(max(len(t), 6) for t in tasks), 6]
+    console = Console(width=max(80, sum(w + 3 for w in widths) + 1))  # never truncate a cell
+    console.print(table)
+    best = max(means, key=lambda n: means[n])
+    console.print(f"best mean: {best} ({means[best]:.4f}); the mean is over the tasks above")
+
+
+def _names(paths: list[Path]) -> list[str]:
+    """Short distinct labels: folder names, or the full paths where two names collide."""
+    names = [p.name for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported by anything below
@@ -152,26 +191,37 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         apply_chat_template=args.apply_chat_template,
     )
-    path = resolve_model_path(args.model_dir, where="MODEL_DIR")
+    paths = [resolve_model_path(d, where="MODEL_DIR") for d in args.model_dirs]
+    for path in paths:  # every folder is checked before the first model loads
+        _check_weights(path, args.allow_pickle)
     check_tasks(config)  # unknown tasks fail here, before the model loads
-    model, tokenizer = _load(path, args)
-    scorer = Scorer(model, tokenizer, config, fitness=False)
-    try:
-        result = scorer.score()
-    except CandidateError as exc:
-        print(f"evomerge: error: {args.model_dir} could not be scored: {exc}", file=sys.stderr)
-        return 1
-    primary = scorer.primary_metrics()
-    if args.json:
-        out = {
-            "model": str(path),
-            "tasks": result.metrics,
-            "primary": {t: {"metric": m, "higher_is_better": h} for t, (m, h) in primary.items()},
-            "samples": result.samples,
-            "seconds": result.seconds,
-            "forward_seconds": result.forward_seconds,
-        }
-        print(json.dumps(out, sort_keys=True))
-    else:
-        _print_table(args.model_dir, result, primary)
+    rows: list[tuple[str, Any]] = []
+    primary: dict[str, tuple[str, bool]] = {}
+    for name, path, given in zip(_names(paths), paths, args.model_dirs, strict=True):
+        model, tokenizer = _load(path, args)
+        scorer = Scorer(model, tokenizer, config, fitness=False)
+        try:
+            result = scorer.score()
+        except CandidateError as exc:
+            print(f"evomerge: error: {given} could not be scored: {exc}", file=sys.stderr)
+            return 1
+        primary = scorer.primary_metrics()
+        del model, scorer
+        rows.append((name, result))
+        if args.json:
+            out = {
+                "model": str(path),
+                "tasks": result.metrics,
+                "primary": {
+                    t: {"metric": m, "higher_is_better": h} for t, (m, h) in primary.items()
+                },
+                "samples": result.samples,
+                "seconds": result.seconds,
+                "forward_seconds": result.forward_seconds,
+            }
+            print(json.dumps(out, sort_keys=True), flush=True)
+        elif len(paths) == 1:
+            _print_table(given, result, primary)
+    if len(paths) > 1 and not args.json:
+        _print_comparison(rows, primary)
     return 0

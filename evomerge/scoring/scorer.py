@@ -70,6 +70,24 @@ def _quiet(logger_name: str) -> Iterator[None]:
         log.setLevel(level)
 
 
+class _NoCustomDatasetHint(logging.Filter):
+    """Drops lm-eval's warning that every `custom_dataset` task prints when it loads ("Custom
+    kwargs can be passed to `--metadata`..."): advice for its own CLI, noise for ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_custom_dataset_hint() -> Iterator[None]:
+    log, hint = logging.getLogger("lm_eval.api.task"), _NoCustomDatasetHint()
+    log.addFilter(hint)
+    try:
+        yield
+    finally:
+        log.removeFilter(hint)
+
+
 @functools.cache
 def _resident_lm_class() -> type:
     """HFLM that can hand back its tokenized log-likelihood requests instead of running them,
@@ -194,7 +212,8 @@ class Scorer:
         tm = resolve_tasks(config)
         with seeded(config.seed, self.device):
             try:
-                loaded = tm.load(list(config.tasks))
+                with _without_custom_dataset_hint():
+                    loaded = tm.load(list(config.tasks))
             except Exception as exc:  # datasets and task code raise anything; report it in one line
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise TaskError(

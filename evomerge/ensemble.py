@@ -21,6 +21,10 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# The KV cache's argument and output field: `cache` since transformers 5.x deprecated
+# `past_key_values` (a FutureWarning on every forward); older releases know only the latter.
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 def _noop() -> None:
     return None
@@ -77,7 +81,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         the new tokens against their own KV caches, and the logits cover those tokens only
         (generation reads the last position).
         """
-        for key in ("past_key_values", "use_cache", "cache_position", "return_dict", "labels"):
+        for key in (CACHE_ARG, "use_cache", "cache_position", "return_dict", "labels"):
             kwargs.pop(key, None)
         start = self._cached_prefix(input_ids) if self._caches is not None else 0
         if self._caches is not None and start == 0:
@@ -91,12 +95,12 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 input_ids=new_ids,
                 attention_mask=attention_mask,
                 position_ids=positions,
-                past_key_values=self._caches[i] if self._caches is not None else None,
                 use_cache=self._caches is not None,
+                **{CACHE_ARG: self._caches[i] if self._caches is not None else None},
                 **kwargs,
             )
             if self._caches is not None:
-                self._caches[i] = out.past_key_values
+                self._caches[i] = getattr(out, CACHE_ARG)
             logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B, T, V)
             total = logp if total is None else torch.logaddexp(total, logp)
         assert total is not None

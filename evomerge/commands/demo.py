@@ -15,7 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--runs-dir", default="runs", help="where the zoo and the run live (default: runs)"
     )
     p.add_argument("--max-trials", type=int, help="override the demo budget")
-    p.add_argument("--executor", choices=["local", "ray"], help="override the demo's executor")
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="where candidates run (default: ray with 2 workers on a machine with 2+ CPUs)",
+    )
     p.add_argument("--workers", type=int, help="override the number of workers")
     p.add_argument(
         "--small", action="store_true", help="the small zoo (seconds to build; a weaker problem)"
@@ -23,9 +27,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def demo_executor(args: argparse.Namespace) -> dict[str, object]:
+    """The demo shows the product: Ray workers, one per core up to 2, unless told otherwise.
+    (Measured here, 96 trials on 2 cores: 29 s with 2 Ray workers, Ray start included, vs 39 s
+    in process, with the same trials.)"""
+    import os
+
+    if args.executor is not None or (os.cpu_count() or 1) < 2:
+        return {}
+    return {"executor.kind": "ray", "executor.workers": args.workers or 2}
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from evomerge.commands.resume import with_budget
     from evomerge.commands.run import drive, overrides
     from evomerge.config import load_study_config
     from evomerge.export import export_run, format_heldout_table
@@ -39,13 +55,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"[1/3] demo zoo in {zoo_dir}")
     build_zoo(zoo_dir, small=args.small, progress=not args.quiet)
     t_zoo = time.perf_counter() - t0
-    config = load_study_config(zoo_dir / "study.yaml", overrides(args))
+    config = load_study_config(zoo_dir / "study.yaml", {**demo_executor(args), **overrides(args)})
     run_dir = runs / config.name
     store = RunStore(run_dir)
     if (run_dir / "study.yaml").exists():
         store = RunStore.open(run_dir)
-        config = load_run_config(store)
         done = len(store.read_trials())
+        wanted = args.max_trials if args.max_trials and args.max_trials > done else None
+        config = with_budget(store, load_run_config(store), wanted)
         if done < config.budget.max_trials:
             print(f"[2/3] resuming {run_dir} ({done}/{config.budget.max_trials} trials done)")
             code = drive(store, prepare(config), resume=True, quiet=args.quiet)

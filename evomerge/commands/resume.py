@@ -15,27 +15,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def with_budget(store, config, max_trials: int | None):
+    """`config` with its budget raised to `max_trials` (saved into the run's study.yaml)."""
+    from evomerge.errors import RunDirError
+    from evomerge.runstore import STUDY, atomic_write
+
+    if max_trials is None:
+        return config
+    done = len(store.read_trials())
+    if max_trials < max(done, 1):
+        raise RunDirError(f"--max-trials {max_trials} is below the {done} trials already done")
+    config = config.model_copy(
+        update={"budget": config.budget.model_copy(update={"max_trials": max_trials})}
+    )
+    atomic_write(store.dir / STUDY, config.to_yaml())
+    return config
+
+
 def run(args: argparse.Namespace) -> int:
     from evomerge.commands.run import drive
     from evomerge.errors import RunDirError
-    from evomerge.runstore import STUDY, RunStore, atomic_write
+    from evomerge.runstore import RunStore
     from evomerge.study import load_run_config, prepare
 
     store = RunStore.open(args.run_dir)
     state = store.state()
     if state.get("state") == "running":
         raise RunDirError(f"{store.dir} is being run by process {state.get('pid')}; stop it first")
-    config = load_run_config(store)
+    config = with_budget(store, load_run_config(store), args.max_trials)
     done = len(store.read_trials())
-    if args.max_trials is not None:
-        if args.max_trials < max(done, 1):
-            raise RunDirError(
-                f"--max-trials {args.max_trials} is below the {done} trials already done"
-            )
-        config = config.model_copy(
-            update={"budget": config.budget.model_copy(update={"max_trials": args.max_trials})}
-        )
-        atomic_write(store.dir / STUDY, config.to_yaml())
     if done >= config.budget.max_trials:
         print(
             f"{store.dir}: all {done} trials of the budget are done; raise it with --max-trials N"

@@ -12,7 +12,6 @@ import random
 import signal
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -29,14 +28,6 @@ from evomerge.runstore import RunStore  # noqa: E402
 from tests.study_factory import make_tiny_study  # noqa: E402
 
 pytestmark = pytest.mark.ray
-
-
-def demo_study(request, tmp_path_factory) -> Path:
-    """The demo zoo's study when the zoo fixture exists, else a tiny random study."""
-    try:
-        return Path(request.getfixturevalue("small_zoo")) / "study.yaml"
-    except pytest.FixtureLookupError:
-        return make_tiny_study(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +85,8 @@ def executor(cluster, prepared):
     ex.close()
 
 
-def test_study_on_local_ray_to_budget(request, tmp_path_factory, tmp_path, capsys, monkeypatch):
-    study = demo_study(request, tmp_path_factory)
+def test_demo_study_on_local_ray_to_budget(small_zoo, tmp_path, capsys, monkeypatch):
+    study = small_zoo.study
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert not ray.is_initialized()
     args = ["run", str(study), "--runs-dir", str(tmp_path), "--executor", "ray", "--workers", "2"]

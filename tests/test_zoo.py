@@ -7,19 +7,12 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
-
 from evomerge.cli import main
 from evomerge.zoo import SKILLS, build_zoo, task_names
 from evomerge.zoo import data as zoo_data
 from evomerge.zoo import tasks as zoo_tasks
 from evomerge.zoo.tokenizer import save_tokenizer
 from evomerge.zoo.train import encode
-
-
-@pytest.fixture(scope="module")
-def small_zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo"), small=True, progress=False)
 
 
 def _digests(folder: Path) -> dict[str, str]:

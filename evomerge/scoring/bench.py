@@ -6,6 +6,8 @@ plain lm-eval path (new HFLM wrapper, new TaskManager, `simple_evaluate`) on the
 
 from __future__ import annotations
 
+import contextlib
+import io
 import statistics
 import time
 from pathlib import Path
@@ -23,12 +25,22 @@ def fresh_evaluate(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from evomerge.scoring.scorer import _device_of, _quiet, seeded
+    from evomerge.scoring.scorer import (
+        _device_of,
+        _quiet,
+        _without_custom_dataset_hint,
+        seeded,
+    )
 
     paths = check_include_paths(config.include_paths)
     local = task_manager(paths, False).task_index
     builtins = any(t not in local and not Path(t).is_file() for t in config.tasks)
-    with seeded(config.seed, _device_of(model)), _quiet("lm_eval.models.huggingface"):
+    with (
+        seeded(config.seed, _device_of(model)),
+        _quiet("lm_eval.models.huggingface"),
+        _without_custom_dataset_hint(),
+        contextlib.redirect_stderr(io.StringIO()),  # lm-eval's own request bars
+    ):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
         tm = TaskManager(include_path=list(paths) or None, include_defaults=builtins)
         out = lm_eval.simple_evaluate(

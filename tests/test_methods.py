@@ -278,6 +278,21 @@ def test_ties_keeps_exactly_k_with_ties_in_magnitude():
     assert kept.min() >= x.abs().flatten().sort(descending=True).values[32]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 7, 500, 999])
+def test_top_k_mask_is_the_stable_top_k(dtype, k):
+    """The CPU fast path of TIES' trim: exactly k kept, ties at the threshold by lowest index,
+    i.e. the first k of a stable sort by descending value."""
+    from evomerge.methods.generalized import top_k_mask
+
+    g = torch.Generator().manual_seed(k)
+    values = torch.randint(0, 40, (1000,), generator=g).to(dtype) / 7  # many ties in bf16
+    ref = torch.zeros(1000, dtype=torch.bool)
+    order = sorted(range(1000), key=lambda i: (-float(values[i]), i))
+    ref[order[:k]] = True
+    assert torch.equal(top_k_mask(values, k), ref)
+
+
 def test_slerp_endpoints_and_colinear_fallback():
     base, (x,) = make(1, scale=1.0)
     torch.testing.assert_close(run("slerp", base, [base, x], None, {"t": 0.0}), base)

@@ -53,11 +53,40 @@ def magnitude_prune(delta: Tensor, density: float, *, rescale: bool = False) -> 
     k = max(1, int(density * n))
     flat = delta.reshape(-1)
     abs_ = flat.abs()
+    if flat.device.type == "cpu" and k < n:
+        keep = top_k_mask(abs_, k)
+        kept = torch.where(keep, flat, torch.zeros((), dtype=flat.dtype))
+        if rescale:
+            kept = _rescale_l1(kept, abs_.sum(), kept.abs().sum())
+        return kept.view_as(delta)
     mags, idx = torch.topk(abs_, k, sorted=False)
     kept = torch.zeros_like(flat).index_copy_(0, idx, flat.index_select(0, idx))
     if rescale:
         kept = _rescale_l1(kept, abs_.sum(), mags.sum())
     return kept.view_as(delta)
+
+
+def top_k_mask(values: Tensor, k: int) -> Tensor:
+    """Mask of exactly `k` largest entries of the flat CPU tensor `values` (0 < k < n); among
+    entries tied at the threshold the lowest indices win.
+
+    Why not `torch.topk`: on CPU numpy's introselect finds the threshold 3.6x faster (11.5M
+    floats, k = n/2, 2 cores: 0.067 s vs 0.24 s), and the mask needs no index scatter.
+    """
+    import numpy as np
+
+    n = values.numel()
+    exact = values.dtype in (torch.float16, torch.float32, torch.float64)  # numpy has these
+    arr = (values if exact else values.to(torch.float32)).detach().numpy()  # bf16 -> f32 exact
+    threshold = float(np.partition(arr, n - k)[n - k])  # the k-th largest value
+    keep = values > threshold
+    need = k - int(keep.sum())
+    if need > 0:
+        tied = values == threshold
+        if int(tied.sum()) > need:
+            tied &= torch.cumsum(tied, 0) <= need
+        keep |= tied
+    return keep
 
 
 def breadcrumbs_prune(

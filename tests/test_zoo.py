@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 
 from evomerge.cli import main
@@ -27,7 +28,7 @@ def test_tokenizer_round_trip_matches_training_ids(tmp_path):
 
     save_tokenizer(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     lines = ["".join(zoo_data.skill_example(s, rng)) for s in SKILLS for _ in range(5)] + [
         "cpy abc=abc\n",
         "the home of zorp is cave",
@@ -46,7 +47,7 @@ def test_eval_splits_are_disjoint_and_never_trained():
         heldout = {d["question"] for d in docs[skill]["heldout"]}
         assert len(search) == zoo_data.N_SEARCH and len(heldout) == zoo_data.N_HELDOUT
         assert not search & heldout, skill
-    rng = __import__("random").Random(7)
+    rng = random.Random(7)
     eval_questions = {
         d["question"] for s in ("add", "reverse") for sp in docs[s].values() for d in sp
     }

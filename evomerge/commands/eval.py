@@ -144,7 +144,7 @@ def _print_table(model_dir: str, result: Any, primary: dict[str, tuple[str, bool
 
 
 def _print_comparison(rows: list[tuple[str, Any]], primary: dict[str, tuple[str, bool]]) -> None:
-    """One row per model: each task's primary metric and their mean (best per column in bold)."""
+    """One row per model: each task's primary metric and their mean; the best mean is named."""
     from rich.console import Console
     from rich.table import Table
 

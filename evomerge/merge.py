@@ -6,6 +6,7 @@ memory and the checkpoint exported for it hold the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,11 +23,14 @@ from evomerge.errors import ConfigError
 from evomerge.methods.base import MergeInput
 from evomerge.plan import TensorTask, open_readers, plan_merge
 from evomerge.recipe import Recipe
-from evomerge.safetensors_stream import ShardStream, TensorSpec, assign_shards, shard_names
-
-# Elementwise methods run on chunks of this many elements: ~1 MiB of fp32 per operand, so the
-# temporaries of one chunk stay in L2 cache and each weight crosses DRAM about once.
-CHUNK_ELEMENTS = 1 << 18
+from evomerge.safetensors_stream import (
+    BackgroundWriter,
+    ShardStream,
+    TensorSpec,
+    assign_shards,
+    shard_names,
+)
+from evomerge.weighted_sum import weighted_sum_into
 
 
 def run_task(
@@ -39,29 +43,22 @@ def run_task(
 ) -> torch.Tensor:
     """Merge one tensor, into `out` when given (then returned), else into a new tensor.
 
-    `load(model, tensor_name)` returns the source tensor as stored (any dtype); it is cast to
-    `compute_dtype` here, per chunk for elementwise methods and whole otherwise.
+    `load(model, tensor_name)` returns the source tensor as stored (any dtype). Weighted-sum
+    methods run the fused kernel (converting per chunk); the others get whole tensors cast to
+    `compute_dtype`.
     """
     name = task.out.name
     base = load(task.base, task.out.sources[task.base]) if task.base is not None else None
     tensors = [load(m, task.out.sources[m]) for m in task.models]
-    if (
-        task.method.elementwise
-        and out is not None
-        and out.is_contiguous()
-        and out.numel() > CHUNK_ELEMENTS
-    ):
-        flat_out = out.view(-1)
-        flat_base = base.reshape(-1) if base is not None else None
-        flats = [t.reshape(-1) for t in tensors]
-        for a in range(0, flat_out.numel(), CHUNK_ELEMENTS):
-            b = min(a + CHUNK_ELEMENTS, flat_out.numel())
-            chunk_base = flat_base[a:b].to(compute_dtype) if flat_base is not None else None
-            chunk = _merge_one(
-                task, chunk_base, [f[a:b].to(compute_dtype) for f in flats], None, name
-            )
-            flat_out[a:b].copy_(chunk)
-        return out
+    if task.method.coefficients is not None:
+        c_base, cs = task.method.coefficients(task.model_params, task.global_params)
+        sources, coefficients = list(tensors), list(cs)
+        if base is not None and c_base != 0:
+            sources.insert(0, base)
+            coefficients.insert(0, c_base)
+        if out is None:
+            out = torch.empty(task.out.shape, dtype=compute_dtype, device=device)
+        return weighted_sum_into(out, sources, coefficients, compute_dtype=compute_dtype)
     gen = None
     if task.method.randomized:
         gen = torch.Generator(device=device)
@@ -153,6 +150,7 @@ def merge_to_disk(
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
+    writer = BackgroundWriter()
     try:
         bar = _progress(progress, len(tasks), f"merging into {out.name}")
         i = 0
@@ -167,11 +165,12 @@ def merge_to_disk(
                 task = tasks[i]
                 out_t = torch.empty(spec.shape, dtype=spec.dtype, device=device)
                 merged = run_task(task, load, device=device, compute_dtype=compute_dtype, out=out_t)
-                stream.write(spec.name, merged)
+                writer.write(stream, spec.name, merged)
                 total += spec.nbytes
                 i += 1
                 bar(1)
-            stream.close()
+            writer.close(stream)
+        writer.finish()
         bar(0, done=True)
         if len(shards) > 1:
             index = {
@@ -195,6 +194,8 @@ def merge_to_disk(
                 path.write_text(content)
         _replace_dir(tmp, out)
     except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            writer.finish()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return MergeStats(len(tasks), total, time.perf_counter() - t0, out)

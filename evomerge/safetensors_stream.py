@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,3 +103,40 @@ def shard_names(n: int) -> list[str]:
     if n == 1:
         return ["model.safetensors"]
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+class BackgroundWriter:
+    """Runs shard writes on one thread, in order, while the caller computes the next tensors.
+
+    Why: writing into the page cache is a kernel memcpy at about 1 GB/s here, as long as the
+    merge of a linear recipe itself; overlapped, the two costs no longer add up. At most
+    `depth` writes wait, so memory stays at a few tensors. An error in a write is raised by the
+    next `write`/`close`/`finish` call.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-writer")
+        self._pending: list[Any] = []
+        self._depth = depth
+
+    def write(self, stream: ShardStream, name: str, tensor: torch.Tensor) -> None:
+        self._submit(stream.write, name, tensor)
+
+    def close(self, stream: ShardStream) -> None:
+        self._submit(stream.close)
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._depth:
+            self._pending.pop(0).result()
+
+    def finish(self) -> None:
+        """Wait for every write; raise the first error."""
+        try:
+            for fut in self._pending:
+                fut.result()
+        finally:
+            self._pending.clear()
+            self._pool.shutdown(wait=True)

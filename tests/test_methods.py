@@ -279,18 +279,50 @@ def test_ties_keeps_exactly_k_with_ties_in_magnitude():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
-@pytest.mark.parametrize("k", [1, 7, 500, 999])
-def test_top_k_mask_is_the_stable_top_k(dtype, k):
-    """The CPU fast path of TIES' trim: exactly k kept, ties at the threshold by lowest index,
-    i.e. the first k of a stable sort by descending value."""
-    from evomerge.methods.generalized import top_k_mask
+@pytest.mark.parametrize("k", [0, 1, 7, 500, 999, 1000])
+def test_top_k_rule_is_the_stable_top_k(dtype, k):
+    """TIES' trim as a threshold rule: exactly k kept, ties at the threshold by lowest index,
+    i.e. the first k of a stable sort by descending value (radix select for float32, bf16;
+    numpy partition for float64)."""
+    from evomerge.methods.topk import top_k_rule
 
     g = torch.Generator().manual_seed(k)
     values = torch.randint(0, 40, (1000,), generator=g).to(dtype) / 7  # many ties in bf16
     ref = torch.zeros(1000, dtype=torch.bool)
     order = sorted(range(1000), key=lambda i: (-float(values[i]), i))
     ref[order[:k]] = True
-    assert torch.equal(top_k_mask(values, k), ref)
+    assert torch.equal(top_k_rule(values, k).mask(values), ref)
+
+
+def test_top_k_rule_spread_over_many_exponents():
+    """The radix select's two levels: magnitudes from 1e-30 to 1e30 and ranks all over."""
+    from evomerge.methods.topk import kth_largest
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.exp(torch.randn(20_000, generator=g) * 30).float()
+    ordered = values.double().sort(descending=True).values
+    for k in (1, 2, 137, 10_000, 19_999, 20_000):
+        assert kth_largest(values, k) == float(ordered[k - 1])
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, None])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_ties_chunked_kernel_matches_reference_with_tied_magnitudes(chunk, rescale, dtype):
+    """The chunked consensus kernel, with ties at every model's threshold falling inside
+    chunks and at their edges, against the element-by-element float64 reference."""
+    from evomerge.methods.generalized import ties_merge
+
+    g = torch.Generator().manual_seed(5)
+    deltas = [torch.randint(-4, 5, (9, 7), generator=g).to(dtype) / 4 for _ in range(3)]
+    weights, densities = [0.6, 0.3, -0.25], [0.5, 0.8, 0.3]
+    got = ties_merge(deltas, weights, densities, rescale=rescale, lambda_=0.9, chunk=chunk)
+    d_np = [d.double().numpy() for d in deltas]
+    # Python's sort is stable: ref_magnitude breaks ties by lowest index too
+    pruned = [ref_magnitude(d, p, rescale) for d, p in zip(d_np, densities, strict=True)]
+    want = ref_combine(pruned, weights, True, True, 0.9)
+    tol = 1e-12 if dtype == F64 else 1e-6
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=tol, atol=tol)
 
 
 def test_slerp_endpoints_and_colinear_fallback():

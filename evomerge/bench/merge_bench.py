@@ -145,10 +145,22 @@ def in_memory_merge(
     }
     merger = InPlaceMerger(live, sources, build_layout(recipe, readers))
     best = min(merger.apply(recipe) for _ in range(repeats))
-    n_in = len([m for m in recipe.sections[0].models])
     out_bytes = sum(t.numel() * t.element_size() for t in live.values())
-    moved = out_bytes * (n_in + 1)  # every source read once, the result written once
+    moved = out_bytes * (len(readers) + 1)  # every source (base too) read once, result written once
     return {"seconds": best, "gbps": moved / best / 1e9, "bytes": moved}
+
+
+def task_arithmetic_config(models: dict[str, Path]) -> dict[str, Any]:
+    """The search's usual candidate: base + per-model weights of two task vectors."""
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(models["base"]),
+        "models": [
+            {"model": str(models["ft1"]), "parameters": {"weight": 0.6}},
+            {"model": str(models["ft2"]), "parameters": {"weight": 0.5}},
+        ],
+        "dtype": "bfloat16",
+    }
 
 
 def run_merge_bench(
@@ -201,14 +213,18 @@ def run_merge_bench(
             shutil.rmtree(mk_out, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
         rows["methods"][name] = row
-    mem = in_memory_merge(models, configs(models)["linear"], device)
-    bw = copy_bandwidth(mem["bytes"] // 3, device)
-    rows["in_memory_linear"] = {
-        "seconds": round(mem["seconds"], 3),
-        "gbps": round(mem["gbps"], 2),
-        "copy_gbps": round(bw, 2),
-        "fraction_of_copy": round(mem["gbps"] / bw, 3),
-    }
+    for key, cfg in (
+        ("in_memory_linear", configs(models)["linear"]),
+        ("in_memory_task_arithmetic", task_arithmetic_config(models)),
+    ):
+        mem = in_memory_merge(models, cfg, device)
+        bw = copy_bandwidth(mem["bytes"] // 3, device)
+        rows[key] = {
+            "seconds": round(mem["seconds"], 3),
+            "gbps": round(mem["gbps"], 2),
+            "copy_gbps": round(bw, 2),
+            "fraction_of_copy": round(mem["gbps"] / bw, 3),
+        }
     return rows
 
 

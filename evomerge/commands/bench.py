@@ -86,11 +86,15 @@ def print_merge(m: dict) -> None:
         print(
             f"{name:<10}{row['evomerge_s']:>12.2f}{row.get('mergekit_s', float('nan')):>12.2f}{row.get('speedup', float('nan')):>9.2f}x"
         )
-    mem = m["in_memory_linear"]
-    print(
-        f"in-memory linear merge: {mem['seconds']:.3f} s, {mem['gbps']:.2f} GB/s; memory copy {mem['copy_gbps']:.2f} GB/s "
-        f"-> {100 * mem['fraction_of_copy']:.0f}% of copy bandwidth"
-    )
+    for key, label in (
+        ("in_memory_linear", "linear, 2 models"),
+        ("in_memory_task_arithmetic", "task arithmetic, base + 2"),
+    ):
+        mem = m[key]
+        print(
+            f"in-memory merge ({label}): {mem['seconds']:.3f} s, {mem['gbps']:.2f} GB/s; "
+            f"memory copy {mem['copy_gbps']:.2f} GB/s -> {100 * mem['fraction_of_copy']:.0f}% of copy"
+        )
 
 
 def print_table(title: str, rows: dict) -> None:

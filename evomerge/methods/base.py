@@ -98,6 +98,9 @@ class MergeInput:
         return [p[param] for p in self.model_params]
 
 
+Coefficients = tuple[float, list[float]]  # (c_base, [c_i]) of a weighted-sum method
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered method: its parameters and the function that merges one tensor."""
@@ -111,9 +114,12 @@ class MergeMethod:
     randomized: bool = False
     # mergekit drops a source equal to base_model from delta-based methods; this flag says so.
     skips_base_model: bool = False
-    # Output element i depends only on input elements i: the engine may then merge in
-    # cache-sized chunks straight into the output, converting dtypes per chunk.
-    elementwise: bool = False
+    # The method is a fixed weighted sum of the sources, out = c_base * base + sum_i c_i x_i:
+    # given (model_params, global_params) this returns (c_base, [c_i]) and the engine runs its
+    # fused weighted-sum kernel instead of `merge` (same numbers up to float32 rounding).
+    coefficients: Callable[[Sequence[dict[str, Any]], dict[str, Any]], Coefficients] | None = field(
+        default=None, compare=False
+    )
     doc: str = field(default="", compare=False)
     # Rules that tie parameters together (della: density +/- epsilon inside (0, 1)); called with
     # (model_params, global_params, where) after defaults are filled; raises ConfigError.

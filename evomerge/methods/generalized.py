@@ -25,7 +25,16 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import ConfigError
-from evomerge.methods.base import MergeInput, MergeMethod, Param, register_method
+from evomerge.methods.base import (
+    Coefficients,
+    MergeInput,
+    MergeMethod,
+    Param,
+    register_method,
+)
+from evomerge.methods.consensus import sign_consensus
+from evomerge.methods.linear import linear_merge
+from evomerge.methods.topk import TopK, top_k_rule
 
 _RESCALE_EPS = 1e-7  # mergekit rescaled_masked_tensor: no rescale when either L1 norm is below
 
@@ -42,51 +51,24 @@ def _rescale_l1(kept: Tensor, before: Tensor, after: Tensor) -> Tensor:
 def magnitude_prune(delta: Tensor, density: float, *, rescale: bool = False) -> Tensor:
     """TIES trim: keep exactly k = max(1, int(density * n)) entries of largest |delta|.
 
-    Same set as mergekit's `argsort(|delta|, descending)[:k]` (ties at the threshold are broken
-    arbitrarily, but exactly k survive), found with `topk` instead of a full sort.
+    The same set as mergekit's `argsort(|delta|, descending)[:k]`; ties at the threshold go to
+    the lowest indices (mergekit breaks them arbitrarily, but also keeps exactly k).
     """
     if density >= 1:
         return delta
-    n = delta.numel()
-    if density <= 0 or n == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * n))
-    flat = delta.reshape(-1)
-    abs_ = flat.abs()
-    if flat.device.type == "cpu" and k < n:
-        keep = top_k_mask(abs_, k)
-        kept = torch.where(keep, flat, torch.zeros((), dtype=flat.dtype))
-        if rescale:
-            kept = _rescale_l1(kept, abs_.sum(), kept.abs().sum())
-        return kept.view_as(delta)
-    mags, idx = torch.topk(abs_, k, sorted=False)
-    kept = torch.zeros_like(flat).index_copy_(0, idx, flat.index_select(0, idx))
+    rule = magnitude_rule(delta, density)
+    abs_ = delta.reshape(-1).abs()
+    kept = torch.where(rule.mask(abs_), delta.reshape(-1), torch.zeros((), dtype=delta.dtype))
     if rescale:
-        kept = _rescale_l1(kept, abs_.sum(), mags.sum())
+        kept = _rescale_l1(kept, abs_.sum(), kept.abs().sum())
     return kept.view_as(delta)
 
 
-def top_k_mask(values: Tensor, k: int) -> Tensor:
-    """Mask of exactly `k` largest entries of the flat CPU tensor `values` (0 < k < n); among
-    entries tied at the threshold the lowest indices win.
-
-    Why not `torch.topk`: on CPU numpy's introselect finds the threshold 3.6x faster (11.5M
-    floats, k = n/2, 2 cores: 0.067 s vs 0.24 s), and the mask needs no index scatter.
-    """
-    import numpy as np
-
-    n = values.numel()
-    exact = values.dtype in (torch.float16, torch.float32, torch.float64)  # numpy has these
-    arr = (values if exact else values.to(torch.float32)).detach().numpy()  # bf16 -> f32 exact
-    threshold = float(np.partition(arr, n - k)[n - k])  # the k-th largest value
-    keep = values > threshold
-    need = k - int(keep.sum())
-    if need > 0:
-        tied = values == threshold
-        if int(tied.sum()) > need:
-            tied &= torch.cumsum(tied, 0) <= need
-        keep |= tied
-    return keep
+def magnitude_rule(delta: Tensor, density: float) -> TopK:
+    """The top-k rule of TIES' trim over |delta| (k = max(1, int(density * n)), 0 if density <= 0)."""
+    n = delta.numel()
+    k = 0 if density <= 0 else max(1, int(density * n))
+    return top_k_rule(delta.reshape(-1).abs(), k)
 
 
 def breadcrumbs_prune(
@@ -179,22 +161,8 @@ def combine_deltas(
     D becomes 1). Without consensus m_i = 1 and D = sum_i w_i (|D| < 1e-8 becomes 1).
     """
     if consensus:
-        wd = torch.stack([d * w for d, w in zip(deltas, weights, strict=True)])  # (M, *shape)
-        positive = wd.sum(dim=0) >= 0
-        agree = torch.where(positive, wd > 0, wd < 0)  # (M, *shape) bool
-        mixed = torch.where(agree, wd, torch.zeros((), dtype=wd.dtype, device=wd.device)).sum(0)
-        if normalize:
-            divisor = torch.zeros_like(mixed)
-            for a, w in zip(agree, weights, strict=True):
-                divisor.add_(a, alpha=w)
-            mixed /= divisor.masked_fill_(divisor == 0, 1)
-    else:
-        mixed = deltas[0] * weights[0]
-        for d, w in zip(deltas[1:], weights[1:], strict=True):
-            mixed.add_(d, alpha=w)
-        total = float(sum(weights))
-        if normalize and abs(total) >= 1e-8:
-            mixed /= total
+        return sign_consensus(deltas, weights, normalize=normalize, lambda_=lambda_)
+    mixed = linear_merge(deltas, weights, normalize=normalize)
     if lambda_ != 1:
         mixed *= lambda_
     return mixed
@@ -222,12 +190,37 @@ def ties_merge(
     normalize: bool = True,
     lambda_: float = 1.0,
     rescale: bool = False,
+    chunk: int | None = None,
 ) -> Tensor:
-    """TIES: magnitude top-k trim of each delta, sign election, disjoint (weighted) mean."""
-    pruned = [
-        magnitude_prune(d, p, rescale=rescale) for d, p in zip(deltas, densities, strict=True)
+    """TIES: magnitude top-k trim of each delta, sign election, disjoint (weighted) mean.
+
+    The trim is a threshold rule per model applied inside the consensus kernel, so no trimmed
+    copy of any delta is made; `chunk` is the kernel's step (tests use tiny ones).
+    """
+    rules = [
+        None if p >= 1 else magnitude_rule(d, p) for d, p in zip(deltas, densities, strict=True)
     ]
-    return combine_deltas(pruned, weights, consensus=True, normalize=normalize, lambda_=lambda_)
+    scales = [
+        _kept_l1_scale(d, r) if rescale and r is not None else 1.0
+        for d, r in zip(deltas, rules, strict=True)
+    ]
+    return sign_consensus(
+        deltas,
+        weights,
+        normalize=normalize,
+        lambda_=lambda_,
+        keep=rules,
+        scales=scales,
+        chunk=chunk,
+    )
+
+
+def _kept_l1_scale(delta: Tensor, rule: TopK) -> float:
+    """|delta|_1 / |kept|_1, or 1 when either is below the rescale epsilon (as _rescale_l1)."""
+    abs_ = delta.reshape(-1).abs()
+    before = float(abs_.sum())
+    after = float(abs_[rule.mask(abs_)].sum())
+    return before / after if before >= _RESCALE_EPS and after >= _RESCALE_EPS else 1.0
 
 
 def dare_merge(
@@ -292,6 +285,18 @@ def della_merge(
     return combine_deltas(
         pruned, weights, consensus=consensus, normalize=normalize, lambda_=lambda_
     )
+
+
+def task_arithmetic_coefficients(
+    model_params: Sequence[dict[str, Any]], global_params: dict[str, Any]
+) -> Coefficients:
+    """Task arithmetic as a weighted sum of base and sources: c_i = lambda w_i / D and
+    c_base = 1 - sum_i c_i, with D = sum_i w_i when normalizing (|D| < 1e-8: 1), else 1."""
+    weights = [float(p["weight"]) for p in model_params]
+    total = sum(weights)
+    div = total if global_params["normalize"] and abs(total) >= 1e-8 else 1.0
+    cs = [global_params["lambda"] * w / div for w in weights]
+    return 1.0 - sum(cs), cs
 
 
 # ------------------------------------------------------------------------ registration
@@ -378,7 +383,7 @@ def _register(
     extra: tuple[Param, ...] = (),
     random: bool = False,
     check: Check | None = None,
-    elementwise: bool = False,
+    coefficients: Callable[[Sequence[dict[str, Any]], dict[str, Any]], Coefficients] | None = None,
     doc: str,
 ) -> None:
     register_method(
@@ -391,7 +396,7 @@ def _register(
             randomized=random,
             skips_base_model=True,
             check=check,
-            elementwise=elementwise,
+            coefficients=coefficients,
             doc=doc,
         )
     )
@@ -404,7 +409,7 @@ _register(
     (),
     normalize=False,
     rescale=False,
-    elementwise=True,
+    coefficients=task_arithmetic_coefficients,
     doc="base + lambda * sum_i w_i delta_i",
 )
 _register(

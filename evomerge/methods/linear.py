@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
-from evomerge.methods.base import MergeInput, MergeMethod, Param, register_method
+from evomerge.methods.base import Coefficients, MergeInput, MergeMethod, Param, register_method
 
 
 def linear_merge(
@@ -26,6 +27,16 @@ def linear_merge(
     return out
 
 
+def linear_coefficients(
+    model_params: Sequence[dict[str, Any]], global_params: dict[str, Any]
+) -> Coefficients:
+    """linear_merge as a weighted sum: c_i = w_i / sum_j w_j (w_i without normalize)."""
+    weights = [float(p["weight"]) for p in model_params]
+    total = sum(weights)
+    div = total if global_params["normalize"] and abs(total) >= 1e-8 else 1.0
+    return 0.0, [w / div for w in weights]
+
+
 def _merge(inp: MergeInput) -> Tensor:
     return linear_merge(
         inp.tensors, inp.per_model("weight"), normalize=inp.global_params["normalize"]
@@ -35,7 +46,7 @@ def _merge(inp: MergeInput) -> Tensor:
 register_method(
     MergeMethod(
         name="linear",
-        elementwise=True,
+        coefficients=linear_coefficients,
         merge=_merge,
         params=(
             Param("weight", None, True, help="coefficient of this model (required)"),

@@ -19,7 +19,7 @@ def _merge(inp: MergeInput) -> Tensor:
 register_method(
     MergeMethod(
         name="passthrough",
-        elementwise=True,
+        coefficients=lambda mp, _g: (0.0, [float(mp[0]["scale"])]),
         merge=_merge,
         params=(Param("scale", 1.0, True, help="multiplier of the tensor (mergekit: unset = 1)"),),
         min_models=1,

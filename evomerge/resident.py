@@ -37,7 +37,13 @@ class ResidentSources:
         self.tensors: dict[tuple[str, str], torch.Tensor] = {}
         for model, reader in readers.items():
             for name in reader.names():
-                self.tensors[(model, name)] = reader.get(name, device=self.device)
+                t = reader.get(name, device=self.device)
+                if t.device.type == "cpu":
+                    # safetensors hands out views of the mmapped file: copy them into process
+                    # memory, or every candidate pays page faults, and disk reads once the page
+                    # cache drops the file (seen: 3.6 s instead of 0.24 s per merge)
+                    t = t.clone()
+                self.tensors[(model, name)] = t
 
     def load(self, model: str, name: str) -> torch.Tensor:
         """The tensor as stored; run_task casts it (per chunk when it can)."""

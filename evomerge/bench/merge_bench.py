@@ -5,6 +5,7 @@ in-memory merge bandwidth versus a plain memory copy measured on the same device
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,10 @@ def configs(models: dict[str, Path]) -> dict[str, dict[str, Any]]:
 
 
 def _time_cmd(cmd: list[str]) -> float:
+    """Wall seconds of one command, started with no dirty pages from the previous one pending
+    (else its disk flush lands in the next tool's time). evomerge's time includes its fsync of
+    the checkpoint; mergekit-yaml does not fsync."""
+    os.sync()
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return time.perf_counter() - t0

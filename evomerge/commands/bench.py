@@ -31,6 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=6,
         help="scoring/workers parts: candidates per measurement",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="merge part: runs per tool and config, best one reported (default: 2)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -52,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
         from evomerge.bench.merge_bench import run_merge_bench
 
         report["merge"] = run_merge_bench(
-            work / "merge", size=args.size, device=device, mergekit=not args.no_mergekit
+            work / "merge",
+            size=args.size,
+            device=device,
+            mergekit=not args.no_mergekit,
+            repeats=args.repeats,
         )
         if not args.json:
             print_merge(report["merge"])
@@ -81,7 +91,7 @@ def print_merge(m: dict) -> None:
     print(
         f"merge: random Llama, {m['params'] / 1e9:.2f}B parameters, bf16, base + 2 fine-tunes, device {m['device']}"
     )
-    print(f"{'method':<10}{'evomerge s':>12}{'mergekit s':>12}{'speedup':>10}")
+    print(f"{'method':<10}{'evomerge s':>12}{'mergekit s':>12}{'speedup':>10}   (best of runs)")
     for name, row in m["methods"].items():
         print(
             f"{name:<10}{row['evomerge_s']:>12.2f}{row.get('mergekit_s', float('nan')):>12.2f}{row.get('speedup', float('nan')):>9.2f}x"

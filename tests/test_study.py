@@ -134,7 +134,7 @@ def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float =
 )
 def test_sigkill_then_resume_equals_uninterrupted(study_root, tmp_path, optimizer):
     study = with_changes(
-        study_root, f"kill-{optimizer['name']}", optimizer=optimizer, budget__max_trials=9
+        study_root, f"kill-{optimizer['name']}", optimizer=optimizer, budget__max_trials=120
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     whole = tmp_path / "whole"
@@ -156,7 +156,7 @@ def test_sigkill_then_resume_equals_uninterrupted(study_root, tmp_path, optimize
     proc.wait()
     assert RunStore(cut / "r").state()["state"] == "interrupted"
     done_before = len(RunStore(cut / "r").read_trials())
-    assert 5 <= done_before < 9
+    assert 5 <= done_before < 120  # far past the kill point: a tiny trial takes ~10 ms
     res = subprocess.run(
         [*EVOMERGE, "resume", str(cut / "r"), "--quiet"], env=env, capture_output=True, text=True
     )
@@ -167,7 +167,7 @@ def test_sigkill_then_resume_equals_uninterrupted(study_root, tmp_path, optimize
 
 def test_ctrl_c_marks_interrupted_and_resume_finishes(study_root, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    study = with_changes(study_root, "sigint", budget__max_trials=40)
+    study = with_changes(study_root, "sigint", budget__max_trials=400)  # far past the signal
     proc = subprocess.Popen(
         [*EVOMERGE, "run", str(study), "--runs-dir", str(tmp_path), "--name", "r", "--quiet"],
         env=env,

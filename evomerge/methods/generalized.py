@@ -33,7 +33,7 @@ from evomerge.methods.base import (
     register_method,
 )
 from evomerge.methods.consensus import sign_consensus
-from evomerge.methods.linear import linear_merge
+from evomerge.methods.linear import linear_coefficients, linear_merge
 from evomerge.methods.topk import TopK, top_k_rule
 
 _RESCALE_EPS = 1e-7  # mergekit rescaled_masked_tensor: no rescale when either L1 norm is below
@@ -48,27 +48,12 @@ def _rescale_l1(kept: Tensor, before: Tensor, after: Tensor) -> Tensor:
     return kept * torch.where(ok, before / after, torch.ones_like(before))
 
 
-def magnitude_prune(delta: Tensor, density: float, *, rescale: bool = False) -> Tensor:
-    """TIES trim: keep exactly k = max(1, int(density * n)) entries of largest |delta|.
-
-    The same set as mergekit's `argsort(|delta|, descending)[:k]`; ties at the threshold go to
-    the lowest indices (mergekit breaks them arbitrarily, but also keeps exactly k).
-    """
-    if density >= 1:
-        return delta
-    rule = magnitude_rule(delta, density)
-    abs_ = delta.reshape(-1).abs()
-    kept = torch.where(rule.mask(abs_), delta.reshape(-1), torch.zeros((), dtype=delta.dtype))
-    if rescale:
-        kept = _rescale_l1(kept, abs_.sum(), kept.abs().sum())
-    return kept.view_as(delta)
-
-
-def magnitude_rule(delta: Tensor, density: float) -> TopK:
-    """The top-k rule of TIES' trim over |delta| (k = max(1, int(density * n)), 0 if density <= 0)."""
-    n = delta.numel()
-    k = 0 if density <= 0 else max(1, int(density * n))
-    return top_k_rule(delta.reshape(-1).abs(), k)
+def magnitude_rule(magnitudes: Tensor, density: float) -> TopK:
+    """TIES' trim over flat |delta|: keep exactly k = max(1, int(density * n)) largest (none if
+    density <= 0). The same set as mergekit's `argsort(|delta|, descending)[:k]`; ties at the
+    threshold go to the lowest indices (mergekit breaks them arbitrarily, also keeping k)."""
+    k = 0 if density <= 0 else max(1, int(density * magnitudes.numel()))
+    return top_k_rule(magnitudes, k)
 
 
 def breadcrumbs_prune(
@@ -197,13 +182,16 @@ def ties_merge(
     The trim is a threshold rule per model applied inside the consensus kernel, so no trimmed
     copy of any delta is made; `chunk` is the kernel's step (tests use tiny ones).
     """
-    rules = [
-        None if p >= 1 else magnitude_rule(d, p) for d, p in zip(deltas, densities, strict=True)
-    ]
-    scales = [
-        _kept_l1_scale(d, r) if rescale and r is not None else 1.0
-        for d, r in zip(deltas, rules, strict=True)
-    ]
+    rules: list[TopK | None] = []
+    scales: list[float] = []
+    for d, p in zip(deltas, densities, strict=True):
+        if p >= 1:
+            rules.append(None)
+            scales.append(1.0)
+            continue
+        magnitudes = d.reshape(-1).abs()
+        rules.append(magnitude_rule(magnitudes, p))
+        scales.append(_kept_l1_scale(magnitudes, rules[-1]) if rescale else 1.0)
     return sign_consensus(
         deltas,
         weights,
@@ -215,11 +203,10 @@ def ties_merge(
     )
 
 
-def _kept_l1_scale(delta: Tensor, rule: TopK) -> float:
+def _kept_l1_scale(magnitudes: Tensor, rule: TopK) -> float:
     """|delta|_1 / |kept|_1, or 1 when either is below the rescale epsilon (as _rescale_l1)."""
-    abs_ = delta.reshape(-1).abs()
-    before = float(abs_.sum())
-    after = float(abs_[rule.mask(abs_)].sum())
+    before = float(magnitudes.sum())
+    after = float(magnitudes[rule.mask(magnitudes)].sum())
     return before / after if before >= _RESCALE_EPS and after >= _RESCALE_EPS else 1.0
 
 
@@ -292,10 +279,8 @@ def task_arithmetic_coefficients(
 ) -> Coefficients:
     """Task arithmetic as a weighted sum of base and sources: c_i = lambda w_i / D and
     c_base = 1 - sum_i c_i, with D = sum_i w_i when normalizing (|D| < 1e-8: 1), else 1."""
-    weights = [float(p["weight"]) for p in model_params]
-    total = sum(weights)
-    div = total if global_params["normalize"] and abs(total) >= 1e-8 else 1.0
-    cs = [global_params["lambda"] * w / div for w in weights]
+    _, normalized = linear_coefficients(model_params, global_params)
+    cs = [global_params["lambda"] * c for c in normalized]
     return 1.0 - sum(cs), cs
 
 

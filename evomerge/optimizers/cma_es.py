@@ -8,7 +8,9 @@ pycma's `BoundTransform([0, 1])` (identity inside [0.05, 0.95], a smooth periodi
 beyond), the same map pycma applies for `bounds: [0, 1]`; decoding clips as well, against
 rounding. Doing the map here rather than in pycma keeps `tell` independent of pycma's archive of
 sent solutions, which is keyed by hashes that change from one Python process to the next (a
-resumed study would otherwise continue a slightly different search). As pycma does for bounds,
+resumed study would otherwise continue a slightly different search). pycma's other archives
+(the selective mirrors it injects at popsize < 6) are keyed the same way and do change `tell`,
+so `_restore` recomputes their keys (`_rekey_solution_archives`, the one use of pycma internals). As pycma does for bounds,
 the step size is capped: `maxstd` defaults to 1/3 of the cube.
 
 Warm start. `x0` sets the mean: continuous values as given; for a categorical, the chosen
@@ -43,10 +45,12 @@ import contextlib
 import math
 import pickle
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import Field
 
+from evomerge.atomic import atomic_write
 from evomerge.errors import ConfigError
 from evomerge.optimizers.base import (
     X0_CHOSEN,
@@ -56,11 +60,9 @@ from evomerge.optimizers.base import (
     Params,
     Proposal,
     argmax_choice,
-    atomic_write_bytes,
-    check_options,
     choice_scores,
-    register_optimizer,
 )
+from evomerge.options import PluginOptions
 
 DEFAULT_SIGMA0 = 0.2  # in unit-cube coordinates
 FAILURE_MARGIN = 1.0
@@ -111,25 +113,39 @@ class Codec:
         return out
 
 
-@register_optimizer("cma")
+class CMAOptions(PluginOptions):
+    """`sigma0` and `popsize`, and any other pycma option by its name (passed through)."""
+
+    reserved: ClassVar[dict[str, str]] = _RESERVED
+    extras_label: ClassVar[str] = "or any pycma option (cma.CMAOptions())"
+    sigma0: float = Field(
+        DEFAULT_SIGMA0, gt=0, allow_inf_nan=False, description="initial step, unit-cube units"
+    )
+    popsize: int | None = Field(
+        None, ge=2, strict=True, description="population; default pycma's 4 + 3 ln(n)"
+    )
+
+    @classmethod
+    def extra_names(cls) -> list[str]:
+        import cma
+
+        return list(cma.CMAOptions().keys())
+
+
 class CMAOptimizer(Optimizer):
     """pycma's CMAEvolutionStrategy. Options: popsize, sigma0, and any pycma option by name."""
 
+    name = "cma"
     state_files = ("optimizer.pkl",)
+    Options = CMAOptions
 
     def _start(self, x0: Params | None) -> None:
         import cma
 
-        opts = dict(self.options)
-        sigma0 = opts.pop("sigma0", DEFAULT_SIGMA0)
-        check_options(self.name, opts, cma.CMAOptions().keys(), _RESERVED)
-        if not (isinstance(sigma0, (int, float)) and sigma0 > 0 and math.isfinite(sigma0)):
-            raise ConfigError(f"optimizer 'cma': sigma0 must be a positive number, got {sigma0!r}")
-        popsize = opts.get("popsize")
-        if popsize is not None and (not isinstance(popsize, int) or popsize < 2):
-            raise ConfigError(f"optimizer 'cma': popsize must be an integer >= 2, got {popsize!r}")
+        opts = self.settings.given()
+        opts.pop("sigma0", None)
         self._codec = Codec(self.dims)
-        self._sigma0 = float(sigma0)
+        self._sigma0 = float(self.settings.sigma0)  # type: ignore[attr-defined]
         self._cma_opts = {"verbose": -9, "verb_log": 0, "verb_disp": 0, "maxstd": 1 / 3, **opts}
         self._bt = cma.BoundTransform([0, 1])
         self._x0 = np.asarray(self._bt.inverse(self._codec.encode(x0)), dtype=float)  # genotype
@@ -271,7 +287,7 @@ class CMAOptimizer(Optimizer):
             "best": self._best,
             "worst": self._worst,
         }
-        atomic_write_bytes(self.state_dir / self.state_files[0], pickle.dumps(state, protocol=4))
+        atomic_write(self.state_dir / self.state_files[0], pickle.dumps(state, protocol=4))
 
     def _restore(self) -> None:
         path = self.state_dir / self.state_files[0]
@@ -285,8 +301,40 @@ class CMAOptimizer(Optimizer):
         self._codec = Codec(self.dims)
         self._bt = cma.BoundTransform([0, 1])
         self._es = pickle.loads(state["es"])
+        _rekey_solution_archives(self._es)
         for key in (
             "np_state", "sigma0", "cma_opts", "x0", "restarts", "members", "first_id",
             "handed", "told", "next_id", "generation", "best", "worst",
         ):  # fmt: skip
             setattr(self, f"_{key}", state[key])
+
+
+def _rekey_solution_archives(es: Any) -> None:
+    """Recompute the keys of pycma's solution archives after unpickling a strategy.
+
+    pycma's `SolutionDict` keys an array by `hash(x.tobytes())`, and Python salts bytes hashes
+    per process (PYTHONHASHSEED), so keys pickled by one process miss in the next. One miss is
+    enough to change the search: a solution pycma injected itself (a selective mirror, one per
+    generation at popsize < 6) is looked up in `_injected_solutions_archive` at `tell` to scale
+    its negative recombination weight by `CMA_active_injected` (0); not found, it is weighted
+    as an ordinary sample, and the generations after a mid-generation resume differ from an
+    uninterrupted run's. Keys are recomputed from the arrays each archive keeps, in order.
+    """
+    from cma.utilities.utils import SolutionDict
+
+    holders = [es, *(v for v in vars(es).values() if type(v).__module__.startswith("cma"))]
+    seen: set[int] = set()
+    for holder in holders:
+        for arc in list(getattr(holder, "__dict__", {}).values()):
+            if not isinstance(arc, SolutionDict) or id(arc) in seen:
+                continue
+            seen.add(id(arc))
+            data, same, unhashed = arc.data, arc.data_with_same_key, arc._unhashed_keys
+            arc.data, arc.data_with_same_key, arc._unhashed_keys = {}, {}, {}
+            for old, value in data.items():
+                x = unhashed.get(old, old)
+                new = arc.key(x)
+                arc.data[new] = value
+                arc._unhashed_keys[new] = x
+                if old in same:
+                    arc.data_with_same_key[new] = same[old]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from evomerge import dtypes
 from evomerge.errors import ConfigError, MissingPathError, UnsafeCheckpointError
 
 SAFE_SINGLE = "model.safetensors"
@@ -35,34 +36,45 @@ SIDE_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-}
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+# One parser of block indices in tensor names: llama/neox `layers.N.`, gpt2 `h.N.`, `blocks.N.`.
+_LAYER_RE = re.compile(r"((?:^|\.)(?:layers|h|blocks|layer)\.)(\d+)(\.)")
 
 
 def parse_dtype(name: str | torch.dtype | None, where: str = "dtype") -> torch.dtype | None:
     """'bfloat16' -> torch.bfloat16; None stays None (meaning: keep the source dtype)."""
     if name is None or isinstance(name, torch.dtype):
         return name
-    try:
-        return DTYPES[str(name).lower()]
-    except KeyError:
+    canonical = dtypes.ALIASES.get(str(name).lower())
+    if canonical is None:
         raise ConfigError(
-            f"{where}: unknown dtype {name!r} (use one of float32, bfloat16, float16)"
-        ) from None
+            f"{where}: unknown dtype {name!r} (use one of {', '.join(dtypes.CHOICES)})"
+        )
+    return getattr(torch, canonical)
+
+
+def stored_float_dtype(code: str) -> torch.dtype:
+    """The float dtype of a safetensors header code ('BF16' -> torch.bfloat16); float32 for
+    anything else (ints, bools), the dtype a merge of such a tensor is computed in."""
+    name = dtypes.from_safetensors(code)
+    return getattr(torch, name) if name in dtypes.FLOATS else torch.float32
 
 
 def layer_index(tensor_name: str) -> int | None:
     """Transformer block index of a tensor name ('model.layers.3.mlp...' -> 3), None outside blocks."""
     m = _LAYER_RE.search(tensor_name)
-    return int(m.group(1)) if m else None
+    return int(m.group(2)) if m else None
+
+
+def with_layer_index(tensor_name: str, index: int) -> str:
+    """The same tensor in block `index`: ('model.layers.3.mlp.w', 5) -> 'model.layers.5.mlp.w'."""
+    return _LAYER_RE.sub(lambda m: f"{m.group(1)}{index}{m.group(3)}", tensor_name, count=1)
+
+
+def layer_suffix(tensor_name: str) -> str | None:
+    """The part after the block index, dot included ('model.layers.3.mlp.w' -> '.mlp.w'): the
+    tensor's kind, the same in every block. None outside blocks."""
+    m = _LAYER_RE.search(tensor_name)
+    return tensor_name[m.end(2) :] if m else None
 
 
 def resolve_model_path(ref: str, *, where: str = "model") -> Path:
@@ -150,8 +162,9 @@ class CheckpointReader:
         for f in files:
             self._pickled.update(torch.load(f, map_location="cpu", weights_only=True))
         for name, t in self._pickled.items():
-            dt = str(t.dtype).removeprefix("torch.").upper()
-            self.infos[name] = TensorInfo(name, tuple(t.shape), dt, path.name)
+            dt = dtypes.torch_name(t.dtype)
+            code = dtypes.SAFETENSORS.get(dt, dt.upper())  # as a safetensors header says it
+            self.infos[name] = TensorInfo(name, tuple(t.shape), code, path.name)
 
     @property
     def config(self) -> dict[str, Any]:

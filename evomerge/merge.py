@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.checkpoint import SIDE_FILES, CheckpointReader, parse_dtype
+from evomerge.checkpoint import SIDE_FILES, CheckpointReader, parse_dtype, stored_float_dtype
 from evomerge.errors import ConfigError
 from evomerge.methods.base import MergeInput
 from evomerge.plan import TensorTask, open_readers, plan_merge
@@ -95,97 +96,71 @@ class MergeStats:
     out_dir: Path
 
 
-def output_dtype(
-    recipe: Recipe, readers: Mapping[str, CheckpointReader], override: str | None
-) -> torch.dtype | None:
+class MergeSettings(BaseModel):
+    """How `merge_to_disk` writes one merge: the flags of `evomerge merge`, and export's choices."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    out_dir: Path = Field(description="output folder, written atomically (temp folder, rename)")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    dtype: str | None = Field(
+        None, description="output dtype; none = the recipe's, else each tensor's source dtype"
+    )
+    compute_dtype: torch.dtype = Field(torch.float32, description="dtype the methods compute in")
+    max_shard_bytes: int = Field(
+        5 * 2**30, description="largest safetensors shard (a bigger tensor alone)"
+    )
+    allow_pickle: bool = Field(False, description="load pickled .bin/.pt checkpoints")
+    overwrite: bool = Field(False, description="replace a non-empty out_dir (--force)")
+    progress: bool = Field(True, description="a progress bar on a terminal")
+
+
+def output_dtype(recipe: Recipe, override: str | None) -> torch.dtype | None:
     """--dtype beats the recipe's dtype; None keeps each tensor's source dtype."""
     return parse_dtype(override or recipe.dtype)
 
 
 def _source_dtype(readers: Mapping[str, CheckpointReader], task: TensorTask) -> torch.dtype:
     ref_model = task.base or task.models[0]
-    info = readers[ref_model].infos[task.out.sources[ref_model]]
-    table = {
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "F64": torch.float64,
-    }
-    return table.get(info.dtype, torch.float32)
+    return stored_float_dtype(readers[ref_model].infos[task.out.sources[ref_model]].dtype)
 
 
 def merge_to_disk(
     recipe: Recipe,
-    out_dir: str | Path,
+    settings: MergeSettings,
     *,
-    device: str = "cpu",
-    dtype: str | None = None,
-    compute_dtype: torch.dtype = torch.float32,
-    max_shard_bytes: int = 5 * 2**30,
-    allow_pickle: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
     extra_files: Mapping[str, str | bytes] | None = None,
 ) -> MergeStats:
-    """Stream the merge into `out_dir`: one tensor per source in memory, written atomically.
+    """Stream the merge into `settings.out_dir`: one tensor per source in memory, written
+    atomically, with `extra_files` (text, or bytes such as plots; names may nest) beside it.
 
-    All validation happens in planning, before anything is created under `out_dir`.
+    All validation happens in planning, before anything is created under the output folder.
     """
     t0 = time.perf_counter()
-    out = Path(out_dir).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    out = settings.out_dir.resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not settings.overwrite:
         raise ConfigError(
             f"--out {out} exists and is not empty; choose another folder or pass --force"
         )
+    device = settings.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-    readers = open_readers(recipe, allow_pickle=allow_pickle)
+    readers = open_readers(recipe, allow_pickle=settings.allow_pickle)
     tasks = plan_merge(recipe, readers)
-    out_dtype = output_dtype(recipe, readers, dtype)
+    out_dtype = output_dtype(recipe, settings.dtype)
     specs = [
         TensorSpec(t.out.name, t.out.shape, out_dtype or _source_dtype(readers, t)) for t in tasks
     ]
-    shards = assign_shards(specs, max_shard_bytes)
-    names = shard_names(len(shards))
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
-    writer = BackgroundWriter()
     try:
-        bar = _progress(progress, len(tasks), f"merging into {out.name}")
-        i = 0
-        total = 0
-
-        def load(model: str, name: str) -> torch.Tensor:
-            return readers[model].get(name, device=device)
-
-        for shard_specs, fname in zip(shards, names, strict=True):
-            stream = ShardStream(tmp / fname, shard_specs)
-            for spec in shard_specs:
-                task = tasks[i]
-                out_t = torch.empty(spec.shape, dtype=spec.dtype, device=device)
-                merged = run_task(task, load, device=device, compute_dtype=compute_dtype, out=out_t)
-                writer.write(stream, spec.name, merged)
-                total += spec.nbytes
-                i += 1
-                bar(1)
-            writer.close(stream)
-        writer.finish()
-        bar(0, done=True)
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": {
-                    s.name: fname for ss, fname in zip(shards, names, strict=True) for s in ss
-                },
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        total = _write_shards(tmp, out.name, tasks, specs, readers, settings)
         ref = readers[recipe.reference_model].path
         for n in SIDE_FILES:
             if (ref / n).exists():
                 shutil.copy2(ref / n, tmp / n)
         _fix_config(tmp, recipe, tasks, out_dtype)
-        for name, content in (extra_files or {}).items():  # text, or bytes (plots); may nest
+        for name, content in (extra_files or {}).items():
             path = tmp / name
             path.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, bytes):
@@ -194,11 +169,60 @@ def merge_to_disk(
                 path.write_text(content)
         _replace_dir(tmp, out)
     except BaseException:
-        with contextlib.suppress(Exception):  # the first error is the one to report
-            writer.finish()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return MergeStats(len(tasks), total, time.perf_counter() - t0, out)
+
+
+def _write_shards(
+    folder: Path,
+    label: str,
+    tasks: list[TensorTask],
+    specs: list[TensorSpec],
+    readers: Mapping[str, CheckpointReader],
+    settings: MergeSettings,
+) -> int:
+    """Merge every tensor into its shard (writes overlapped with the next merges); the index
+    file when there are several shards. Returns the bytes of tensor data written."""
+    device = settings.device
+    shards = assign_shards(specs, settings.max_shard_bytes)
+    names = shard_names(len(shards))
+    writer = BackgroundWriter()
+
+    def load(model: str, name: str) -> torch.Tensor:
+        return readers[model].get(name, device=device)
+
+    try:
+        bar = _progress(settings.progress, len(tasks), f"merging into {label}")
+        i = 0
+        total = 0
+        for shard_specs, fname in zip(shards, names, strict=True):
+            stream = ShardStream(folder / fname, shard_specs)
+            for spec in shard_specs:
+                out_t = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+                merged = run_task(
+                    tasks[i], load, device=device, compute_dtype=settings.compute_dtype, out=out_t
+                )
+                writer.write(stream, spec.name, merged)
+                total += spec.nbytes
+                i += 1
+                bar(1)
+            writer.close(stream)
+        writer.finish()
+        bar(0, done=True)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            writer.finish()
+        raise
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {
+                s.name: fname for ss, fname in zip(shards, names, strict=True) for s in ss
+            },
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total
 
 
 def _fix_config(

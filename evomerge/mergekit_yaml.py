@@ -1,20 +1,22 @@
 """mergekit's merge YAML <-> our Recipe.
 
 Reading is lossless for what mergekit's `models:` and `slices:` forms express, so a mergekit
-user's config runs unchanged through `evomerge merge`. Writing (`to_mergekit`) needs the tensor
-layout, because mergekit evaluates gradients of non-layer tensors at t = 0 while our sections can
-give them their own values; those tensors get exact-name filter entries.
+user's config runs unchanged through `evomerge merge`. Writing (`to_mergekit`) needs every
+tensor's resolved values (the caller plans them with `plan`), because mergekit evaluates
+gradients of non-layer tensors at t = 0 while our sections can give them their own values; those
+tensors get exact-name filter entries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from evomerge.checkpoint import layer_suffix
 from evomerge.errors import ConfigError
-from evomerge.plan import OutTensor
-from evomerge.recipe import Recipe, load_recipe_dict
+from evomerge.recipe import Recipe, evaluate_value
+from evomerge.yaml_io import validate_model
 
 _KNOWN_KEYS = {
     "merge_method",
@@ -28,6 +30,30 @@ _KNOWN_KEYS = {
     "name",
     "chat_template",
 }
+
+
+class OutTensorLike(Protocol):
+    """What `to_mergekit` reads of a `plan.OutTensor`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def layer(self) -> int | None: ...
+    @property
+    def t(self) -> float: ...
+
+
+class TensorTaskLike(Protocol):
+    """What `to_mergekit` reads of a `plan.TensorTask`: one tensor's resolved values."""
+
+    @property
+    def out(self) -> OutTensorLike: ...
+    @property
+    def models(self) -> tuple[str, ...]: ...
+    @property
+    def model_params(self) -> tuple[dict[str, Any], ...]: ...
+    @property
+    def global_params(self) -> dict[str, Any]: ...
 
 
 def _name_models(refs: list[str]) -> dict[str, str]:
@@ -163,17 +189,18 @@ def from_mergekit(
         "sections": sections,
         "slices": slices,
     }
-    return load_recipe_dict({k: v for k, v in recipe.items() if v is not None}, where)
+    return validate_model(Recipe, {k: v for k, v in recipe.items() if v is not None}, where)
 
 
-def to_mergekit(recipe: Recipe, layout: list[OutTensor]) -> dict[str, Any]:
+def to_mergekit(recipe: Recipe, tasks: Sequence[TensorTaskLike]) -> dict[str, Any]:
     """mergekit YAML reproducing the same tensors, or ConfigError saying why it cannot.
 
-    Per-layer values become gradient lists with one entry per layer (exact at each layer); name
-    filters become mergekit filter lists; non-layer tensors get exact-name filters first.
+    `tasks` are the recipe's tensors resolved by `plan` (`plan_merge`, or `resolve_task` over
+    `build_layout`), one per output tensor in layout order. Per-layer values become gradient
+    lists with one entry per layer (exact at each layer); name filters become mergekit filter
+    lists; non-layer tensors get exact-name filters first.
     """
     from evomerge.methods import METHODS
-    from evomerge.plan import resolve_task
 
     methods = {s.method for s in recipe.sections}
     if len(methods) != 1:
@@ -188,7 +215,7 @@ def to_mergekit(recipe: Recipe, layout: list[OutTensor]) -> dict[str, Any]:
             f"method {method!r} drops parameters at random; mergekit draws its masks with its own "
             "random generator, so mergekit-yaml would give different tensors"
         )
-    tasks = [resolve_task(recipe, out) for out in layout]
+    layout = [t.out for t in tasks]
     n_layers = 1 + max((o.layer for o in layout if o.layer is not None), default=0)
     kinds = _tensor_kinds(layout)
     participants = [m for m in recipe.models if any(m in t.models for t in tasks)]
@@ -243,12 +270,10 @@ def to_mergekit(recipe: Recipe, layout: list[OutTensor]) -> dict[str, Any]:
     return out
 
 
-def _check_resolution(out: dict[str, Any], tasks: list[Any], recipe: Recipe) -> None:
+def _check_resolution(out: dict[str, Any], tasks: Sequence[TensorTaskLike], recipe: Recipe) -> None:
     """Resolve every tensor's values from the written config by mergekit's rules (first
     matching substring filter, gradients at t): a name filter that also matches another
     tensor's name would silently give it the wrong values."""
-    from evomerge.recipe import evaluate_value
-
     by_path = {recipe.models[m]: m for m in recipe.models}
     for t in tasks:
         for key, spec in out["parameters"].items():
@@ -284,15 +309,11 @@ def _round(v: Any) -> Any:
 
 
 def _kind(name: str) -> str:
-    """The part of a layer tensor's name after its index: 'model.layers.3.mlp.up.weight' -> 'mlp.up.weight'."""
-    parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return "." + ".".join(parts[i + 1 :])
-    return name
+    """The part of a layer tensor's name after its index: 'model.layers.3.mlp.up.weight' -> '.mlp.up.weight'."""
+    return layer_suffix(name) or name
 
 
-def _tensor_kinds(layout: list[OutTensor]) -> list[str]:
+def _tensor_kinds(layout: Sequence[OutTensorLike]) -> list[str]:
     seen: dict[str, None] = {}
     for o in layout:
         if o.layer is not None:

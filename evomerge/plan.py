@@ -7,12 +7,11 @@ mismatched shapes, a tensor no section covers) surfaces before any weight is loa
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.checkpoint import CheckpointReader, layer_index
+from evomerge.checkpoint import CheckpointReader, layer_index, with_layer_index
 from evomerge.errors import ConfigError, IncompatibleModelsError
 from evomerge.methods import METHODS
 from evomerge.methods.base import MergeMethod
@@ -55,42 +54,39 @@ def _check_same(readers: Mapping[str, CheckpointReader], ref_name: str) -> None:
             )
 
 
-def _swap_layer(name: str, new_index: int) -> str:
-    return re.sub(
-        r"((?:^|\.)(?:layers|h|blocks|layer)\.)(\d+)(\.)",
-        lambda m: f"{m.group(1)}{new_index}{m.group(3)}",
-        name,
-        count=1,
-    )
-
-
 def build_layout(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> list[OutTensor]:
     """Output tensors in a stable order with their source tensors; checks names and shapes agree."""
-    ref_name = recipe.reference_model
-    ref = readers[ref_name]
-    _check_same(readers, ref_name)
+    if recipe.slices:
+        _check_same(readers, recipe.reference_model)
+        return _slice_layout(recipe, readers, readers[recipe.reference_model])
     used = [m for m in recipe.models if m in readers]
+    return model_layout({m: readers[m] for m in used}, recipe.reference_model)
+
+
+def model_layout(readers: Mapping[str, CheckpointReader], reference: str) -> list[OutTensor]:
+    """The layout of models that share the reference's tensors: each output tensor from the
+    same-named tensor of every model (the search's live model has exactly this layout)."""
+    ref = readers[reference]
+    _check_same(readers, reference)
     out: list[OutTensor] = []
-    if not recipe.slices:
-        n_layers = ref.num_layers
-        for name, info in ref.infos.items():
-            for m in used:
-                other = readers[m].infos.get(name)
-                if other is None:
-                    raise IncompatibleModelsError(
-                        f"tensor {name!r} of {ref_name!r} is missing from model {m!r}; the models "
-                        "do not share one architecture"
-                    )
-                if other.shape != info.shape:
-                    raise IncompatibleModelsError(
-                        f"tensor {name!r} has shape {list(info.shape)} in {ref_name!r} but "
-                        f"{list(other.shape)} in {m!r}"
-                    )
-            layer = layer_index(name)
-            t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
-            out.append(OutTensor(name, layer, info.shape, {m: name for m in used}, t))
-        return out
-    return _slice_layout(recipe, readers, ref)
+    n_layers = ref.num_layers
+    for name, info in ref.infos.items():
+        for m, reader in readers.items():
+            other = reader.infos.get(name)
+            if other is None:
+                raise IncompatibleModelsError(
+                    f"tensor {name!r} of {reference!r} is missing from model {m!r}; the models "
+                    "do not share one architecture"
+                )
+            if other.shape != info.shape:
+                raise IncompatibleModelsError(
+                    f"tensor {name!r} has shape {list(info.shape)} in {reference!r} but "
+                    f"{list(other.shape)} in {m!r}"
+                )
+        layer = layer_index(name)
+        t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
+        out.append(OutTensor(name, layer, info.shape, {m: name for m in readers}, t))
+    return out
 
 
 def _slice_layout(
@@ -138,14 +134,14 @@ def _slice_layout(
                 srcs: dict[str, str] = {}
                 shape = readers[src0.model].infos[tname].shape
                 for s in sl.sources:
-                    sname = _swap_layer(tname, s.layer_range[0] + off)
+                    sname = with_layer_index(tname, s.layer_range[0] + off)
                     info = readers[s.model].infos.get(sname)
                     if info is None or info.shape != shape:
                         raise IncompatibleModelsError(
                             f"slices[{si}]: tensor {sname!r} is missing or differs in model {s.model!r}"
                         )
                     srcs[s.model] = sname
-                layers.append(OutTensor(_swap_layer(tname, j), j, shape, srcs, t))
+                layers.append(OutTensor(with_layer_index(tname, j), j, shape, srcs, t))
             j += 1
     return pre + layers + post
 

@@ -9,6 +9,9 @@ where the first filter that is a substring of the tensor name wins.
 
 Optional `slices` lay out the output's blocks from source layer ranges (frankenmerges); without
 them the output has the sources' layout.
+
+This module is a leaf: the models and value evaluation only. Reading files (ours or mergekit's)
+is `recipe_loader`, planning tensors is `plan`.
 """
 
 from __future__ import annotations
@@ -16,13 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from evomerge.errors import ConfigError, MissingPathError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RECIPE_FORMAT = 1
 Scalar = bool | int | float | str
@@ -92,7 +92,8 @@ class Slice(BaseModel):
 
 
 class Recipe(BaseModel):
-    """A whole merge, validated structurally at load (methods and values are checked by `validate_recipe`)."""
+    """A whole merge, validated structurally at load (methods and values are checked when the
+    merge is planned: `plan.resolve_task`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     evomerge_recipe: int = RECIPE_FORMAT
@@ -185,56 +186,3 @@ def evaluate_value(value: Any, tensor_name: str, t: float) -> Any:
             return _interpolate([float(e) for e in value], t)
         return value[int(t * (len(value) - 1))]
     return value
-
-
-def load_recipe_dict(data: Any, where: str) -> Recipe:
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{where}: expected a mapping at the top level, got {type(data).__name__}"
-        )
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: {format_validation_error(exc)}") from None
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """First pydantic error as 'field.path: message' on one line."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{loc}: {msg}{extra}" if loc else f"{msg}{extra}"
-
-
-def read_yaml(path: str | Path) -> Any:
-    p = Path(path)
-    if not p.exists():
-        raise MissingPathError(f"{p}: file does not exist")
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{p}: YAML syntax error{at}: {problem}") from None
-
-
-def load_recipe_file(path: str | Path) -> Recipe:
-    """Our recipe YAML or a mergekit merge YAML (told apart by their keys)."""
-    data = read_yaml(path)
-    if isinstance(data, dict) and "merge_method" in data:
-        from evomerge.mergekit_yaml import from_mergekit
-
-        return from_mergekit(data, where=str(path), base_dir=Path(path).parent)
-    recipe = load_recipe_dict(data, str(path))
-    return _resolve_relative_paths(recipe, Path(path).parent)
-
-
-def _resolve_relative_paths(recipe: Recipe, base_dir: Path) -> Recipe:
-    """Model paths written relative to the recipe file mean relative to that file."""
-    models = {}
-    for name, ref in recipe.models.items():
-        cand = (base_dir / ref) if not Path(ref).is_absolute() else Path(ref)
-        models[name] = str(cand.resolve()) if cand.exists() and not Path(ref).exists() else ref
-    return recipe.model_copy(update={"models": models})

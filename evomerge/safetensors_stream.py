@@ -16,18 +16,7 @@ from typing import Any
 
 import torch
 
-_ST_DTYPE = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+from evomerge.dtypes import safetensors_code
 
 
 @dataclass(frozen=True)
@@ -65,7 +54,7 @@ class ShardStream:
         offset = 0
         for s in specs:
             header[s.name] = {
-                "dtype": _ST_DTYPE[s.dtype],
+                "dtype": safetensors_code(s.dtype),
                 "shape": list(s.shape),
                 "data_offsets": [offset, offset + s.nbytes],
             }

@@ -1,4 +1,4 @@
-"""Merge engine: recipes to disk and in place, checkpoint I/O, and user errors through the CLI."""
+"""Merge engine: recipes to disk and in place, settings, and user errors through the CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from evomerge.cli import main
-from evomerge.recipe import load_recipe_file
+from evomerge.recipe_loader import load_recipe_file
 from tests.model_factory import save_tiny_llama
 
 
@@ -91,7 +91,7 @@ def test_linear_recipe_matches_reference_and_loads(zoo, tmp_path, capsys):
 def test_sharded_output_has_index_and_loads(zoo, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge import merge_to_disk
+    from evomerge.merge import MergeSettings, merge_to_disk
 
     recipe = load_recipe_file(
         write_yaml(
@@ -106,7 +106,8 @@ def test_sharded_output_has_index_and_loads(zoo, tmp_path):
             },
         )
     )
-    stats = merge_to_disk(recipe, tmp_path / "out", max_shard_bytes=20_000, progress=False)
+    settings = MergeSettings(out_dir=tmp_path / "out", max_shard_bytes=20_000, progress=False)
+    stats = merge_to_disk(recipe, settings)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and all((tmp_path / "out" / s).exists() for s in shards)
@@ -123,7 +124,7 @@ def test_sharded_output_has_index_and_loads(zoo, tmp_path):
 def test_in_place_merge_equals_disk_merge(zoo, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge import merge_to_disk
+    from evomerge.merge import MergeSettings, merge_to_disk
     from evomerge.plan import open_readers
     from evomerge.resident import InPlaceMerger, ResidentSources
 
@@ -148,7 +149,7 @@ def test_in_place_merge_equals_disk_merge(zoo, tmp_path):
             },
         )
     )
-    merge_to_disk(recipe, tmp_path / "disk", progress=False)
+    merge_to_disk(recipe, MergeSettings(out_dir=tmp_path / "disk", progress=False))
     readers = open_readers(recipe)
     live = AutoModelForCausalLM.from_pretrained(zoo["base"])
     merger = InPlaceMerger.for_model(live, recipe, readers, ResidentSources(readers))
@@ -239,45 +240,6 @@ def test_bad_input_is_one_line_exit_2(zoo, tmp_path, capsys, recipe, needle):
     assert not out.exists()
 
 
-def test_yaml_syntax_error_and_missing_file(tmp_path, capsys):
-    path = tmp_path / "broken.yaml"
-    path.write_text("merge_method: linear\nmodels: [a, b\n")
-    code, _, err = run_cli(["merge", str(path), "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "YAML syntax error at line" in err
-    code, _, err = run_cli(
-        ["merge", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")], capsys
-    )
-    assert code == 2 and "does not exist" in err
-
-
-def test_pickled_checkpoint_refused_unless_allowed(zoo, tmp_path, capsys):
-    pick = tmp_path / "pickled"
-    pick.mkdir()
-    state = weights(zoo["a"])
-    torch.save(state, pick / "pytorch_model.bin")
-    (pick / "config.json").write_text((zoo["a"] / "config.json").read_text())
-    recipe = write_yaml(
-        tmp_path / "r.yaml",
-        {
-            "merge_method": "linear",
-            "models": [
-                {"model": str(pick), "parameters": {"weight": 1}},
-                {"model": str(zoo["b"]), "parameters": {"weight": 1}},
-            ],
-        },
-    )
-    code, _, err = run_cli(["merge", str(recipe), "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "--allow-pickle" in err
-    code, _, err = run_cli(
-        ["merge", str(recipe), "--out", str(tmp_path / "o"), "--allow-pickle", "--quiet"], capsys
-    )
-    assert code == 0, err
-    name = "lm_head.weight"
-    torch.testing.assert_close(
-        weights(tmp_path / "o")[name], (state[name] + weights(zoo["b"])[name]) / 2
-    )
-
-
 def test_refuses_non_empty_out_without_force(zoo, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -323,3 +285,58 @@ def test_passthrough_slices_frankenmerge(zoo, tmp_path, capsys):
     assert torch.equal(got["lm_head.weight"], b["lm_head.weight"])
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 6
+
+
+def test_merge_settings_are_frozen_and_strict(tmp_path):
+    from pydantic import ValidationError
+
+    from evomerge.merge import MergeSettings
+
+    s = MergeSettings(out_dir=str(tmp_path))
+    assert s.out_dir == tmp_path and s.device == "cpu" and s.dtype is None
+    assert s.max_shard_bytes == 5 * 2**30 and s.compute_dtype == torch.float32
+    assert not s.allow_pickle and not s.overwrite and s.progress
+    with pytest.raises(ValidationError):
+        s.device = "cuda"  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="force"):
+        MergeSettings(out_dir=tmp_path, force=True)  # type: ignore[call-arg]
+
+
+def test_output_dtype_flag_beats_recipe_which_beats_sources(tmp_path):
+    from evomerge.merge import MergeSettings, merge_to_disk
+    from evomerge.recipe import Recipe
+
+    base = save_tiny_llama(tmp_path / "bf", seed=0, dtype=torch.bfloat16)
+    other = save_tiny_llama(tmp_path / "bf2", seed=1, base=base, dtype=torch.bfloat16)
+    data = {
+        "models": {"x": str(base), "y": str(other)},
+        "sections": [{"method": "linear", "models": {"x": {"weight": 1.0}, "y": {"weight": 1.0}}}],
+    }
+    cases = [({}, None, torch.bfloat16), ({"dtype": "fp16"}, None, torch.float16)]
+    cases.append(({"dtype": "fp16"}, "float32", torch.float32))
+    for i, (extra, flag, want) in enumerate(cases):
+        recipe = Recipe.model_validate({**data, **extra})
+        out = tmp_path / f"out{i}"
+        merge_to_disk(recipe, MergeSettings(out_dir=out, dtype=flag, progress=False))
+        assert {t.dtype for t in weights(out).values()} == {want}, (extra, flag)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg.get("dtype", cfg.get("torch_dtype")) == str(want).removeprefix("torch.")
+
+
+def test_extra_files_land_beside_the_weights(zoo, tmp_path):
+    from evomerge.merge import MergeSettings, merge_to_disk
+    from evomerge.recipe import Recipe
+
+    recipe = Recipe.model_validate(
+        {
+            "models": {"a": str(zoo["a"])},
+            "sections": [{"method": "passthrough", "models": {"a": {}}}],
+        }
+    )
+    files = {"README.md": "card\n", "plots/fitness.png": b"\x89PNG"}
+    stats = merge_to_disk(
+        recipe, MergeSettings(out_dir=tmp_path / "o", progress=False), extra_files=files
+    )
+    assert (tmp_path / "o" / "README.md").read_text() == "card\n"
+    assert (tmp_path / "o" / "plots" / "fitness.png").read_bytes() == b"\x89PNG"
+    assert stats.out_dir == (tmp_path / "o").resolve() and stats.tensors == len(weights(zoo["a"]))

@@ -311,7 +311,7 @@ def test_top_k_rule_spread_over_many_exponents():
 def test_ties_chunked_kernel_matches_reference_with_tied_magnitudes(chunk, rescale, dtype):
     """The chunked consensus kernel, with ties at every model's threshold falling inside
     chunks and at their edges, against the element-by-element float64 reference."""
-    from evomerge.methods.generalized import ties_merge
+    from evomerge.methods.ties import ties_merge
 
     g = torch.Generator().manual_seed(5)
     deltas = [torch.randint(-4, 5, (9, 7), generator=g).to(dtype) / 4 for _ in range(3)]
@@ -495,6 +495,7 @@ def test_registered_names_and_flags():
         "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
         "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "passthrough",
     }  # fmt: skip
+    assert all(METHODS.get(n).name == n for n in METHODS)  # each lazy entry names its own method
     assert {n for n in METHODS if METHODS.get(n).randomized} == {
         "dare_ties",
         "dare_linear",

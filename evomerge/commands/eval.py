@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+from evomerge.dtypes import CHOICES
+
+_DTYPES = ("auto", *CHOICES)
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:
@@ -181,9 +183,9 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     from evomerge.checkpoint import resolve_model_path
     from evomerge.errors import CandidateError
-    from evomerge.scoring import Scorer, ScoringConfig, check_tasks
+    from evomerge.scoring import Scorer, ScoringSettings, check_tasks
 
-    config = ScoringConfig(
+    config = ScoringSettings(
         tasks=_split(args.tasks),
         include_paths=_split(args.include_path),
         limit=args.limit,

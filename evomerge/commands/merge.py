@@ -49,13 +49,12 @@ def parse_size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.merge import merge_to_disk
-    from evomerge.recipe import load_recipe_file
+    from evomerge.merge import MergeSettings, merge_to_disk
+    from evomerge.recipe_loader import load_recipe_file
 
     recipe = load_recipe_file(args.recipe)
-    stats = merge_to_disk(
-        recipe,
-        args.out,
+    settings = MergeSettings(
+        out_dir=args.out,
         device=args.device,
         dtype=args.dtype,
         max_shard_bytes=parse_size(args.max_shard_size),
@@ -63,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.force,
         progress=not args.quiet,
     )
+    stats = merge_to_disk(recipe, settings)
     gb = stats.bytes_written / 1e9
     print(
         f"merged {stats.tensors} tensors ({gb:.3f} GB) into {stats.out_dir} in {stats.seconds:.2f} s"

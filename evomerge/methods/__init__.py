@@ -1,22 +1,29 @@
-"""Merge methods: `METHODS` holds every family below once this package is imported.
+"""Merge methods: one file per family, each defining its `MergeMethod`s (see base.py).
 
-One file per family; each registers its methods on import (see base.py for the contract).
+The entries below are lazy: a family's module is imported when one of its methods is first asked
+for. The task-vector families (task arithmetic, TIES, DARE, breadcrumbs, DELLA) share
+task_vectors.py. A plugin adds a method with `register_method(MergeMethod(...))`, or from another
+package through the `evomerge.methods` entry-point group.
 """
 
 from __future__ import annotations
 
-from evomerge.methods import generalized, linear, model_stock, passthrough, slerp
 from evomerge.methods.base import METHODS, MergeInput, MergeMethod, Param, register_method
 
-__all__ = [
-    "METHODS",
-    "MergeInput",
-    "MergeMethod",
-    "Param",
-    "generalized",
-    "linear",
-    "model_stock",
-    "passthrough",
-    "register_method",
-    "slerp",
-]
+for _name, _ref in {
+    "linear": "evomerge.methods.linear:LINEAR",
+    "task_arithmetic": "evomerge.methods.task_arithmetic:TASK_ARITHMETIC",
+    "ties": "evomerge.methods.ties:TIES",
+    "dare_ties": "evomerge.methods.dare:DARE_TIES",
+    "dare_linear": "evomerge.methods.dare:DARE_LINEAR",
+    "breadcrumbs": "evomerge.methods.breadcrumbs:BREADCRUMBS",
+    "breadcrumbs_ties": "evomerge.methods.breadcrumbs:BREADCRUMBS_TIES",
+    "della": "evomerge.methods.della:DELLA",
+    "della_linear": "evomerge.methods.della:DELLA_LINEAR",
+    "slerp": "evomerge.methods.slerp:SLERP",
+    "model_stock": "evomerge.methods.model_stock:MODEL_STOCK",
+    "passthrough": "evomerge.methods.passthrough:PASSTHROUGH",
+}.items():
+    METHODS.register(_name, _ref)
+
+__all__ = ["METHODS", "MergeInput", "MergeMethod", "Param", "register_method"]

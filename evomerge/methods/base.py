@@ -199,8 +199,14 @@ class MergeMethod:
             raise ConfigError(f"{where}: method {self.name!r} takes {want} models, got {n}")
 
 
-METHODS: Registry[MergeMethod] = Registry("merge method", MergeMethod)
+#: Built-in entries are lazy (evomerge/methods/__init__.py); plugins register here or through
+#: the `evomerge.methods` entry-point group.
+METHODS: Registry[MergeMethod] = Registry(
+    "merge method", MergeMethod, entry_points="evomerge.methods"
+)
 
 
 def register_method(method: MergeMethod) -> MergeMethod:
-    return METHODS.register(method.name, method)
+    """Register a plugin's method under its own name."""
+    METHODS.register(method.name, method)
+    return method

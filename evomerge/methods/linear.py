@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from evomerge.methods.base import Coefficients, MergeInput, MergeMethod, Param, register_method
+from evomerge.methods.base import Coefficients, MergeInput, MergeMethod, Param
 
 
 def linear_merge(
@@ -43,16 +43,14 @@ def _merge(inp: MergeInput) -> Tensor:
     )
 
 
-register_method(
-    MergeMethod(
-        name="linear",
-        coefficients=linear_coefficients,
-        merge=_merge,
-        params=(
-            Param("weight", None, True, help="coefficient of this model (required)"),
-            Param("normalize", True, False, bool, help="divide by the sum of the weights"),
-        ),
-        min_models=1,
-        doc="sum_i w_i x_i / sum_i w_i",
-    )
+LINEAR = MergeMethod(
+    name="linear",
+    coefficients=linear_coefficients,
+    merge=_merge,
+    params=(
+        Param("weight", None, True, help="coefficient of this model (required)"),
+        Param("normalize", True, False, bool, help="divide by the sum of the weights"),
+    ),
+    min_models=1,
+    doc="sum_i w_i x_i / sum_i w_i",
 )

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.methods.base import MergeInput, MergeMethod, Param, register_method
+from evomerge.methods.base import MergeInput, MergeMethod, Param
 
 
 def model_stock_merge(
@@ -45,18 +45,14 @@ def _merge(inp: MergeInput) -> Tensor:
     return model_stock_merge(inp.base, inp.deltas, filter_wise=inp.global_params["filter_wise"])
 
 
-register_method(
-    MergeMethod(
-        name="model_stock",
-        merge=_merge,
-        params=(
-            Param(
-                "filter_wise", False, False, bool, help="one ratio per row instead of per tensor"
-            ),
-        ),
-        needs_base=True,
-        min_models=2,
-        skips_base_model=True,
-        doc="base + t * mean task vector, t from the mean pairwise cosine",
-    )
+MODEL_STOCK = MergeMethod(
+    name="model_stock",
+    merge=_merge,
+    params=(
+        Param("filter_wise", False, False, bool, help="one ratio per row instead of per tensor"),
+    ),
+    needs_base=True,
+    min_models=2,
+    skips_base_model=True,
+    doc="base + t * mean task vector, t from the mean pairwise cosine",
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from evomerge.methods.base import MergeInput, MergeMethod, Param, register_method
+from evomerge.methods.base import MergeInput, MergeMethod, Param
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: interpolate linearly (mergekit's value)
 EPS = 1e-8  # norms below this count as 1, as mergekit
@@ -41,16 +41,12 @@ def _merge(inp: MergeInput) -> Tensor:
     return slerp_merge(inp.global_params["t"], v0, v1)
 
 
-register_method(
-    MergeMethod(
-        name="slerp",
-        merge=_merge,
-        params=(
-            Param("t", None, False, help="interpolation factor: 0 = base_model, 1 = the other"),
-        ),
-        needs_base=True,
-        min_models=2,
-        max_models=2,
-        doc="spherical interpolation from base_model (t=0) to the other model (t=1)",
-    )
+SLERP = MergeMethod(
+    name="slerp",
+    merge=_merge,
+    params=(Param("t", None, False, help="interpolation factor: 0 = base_model, 1 = the other"),),
+    needs_base=True,
+    min_models=2,
+    max_models=2,
+    doc="spherical interpolation from base_model (t=0) to the other model (t=1)",
 )

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+import evomerge.zoo.data as data
+import evomerge.zoo.tasks as tasks
 from evomerge.errors import MissingPathError
-from evomerge.zoo import data, tasks
 from evomerge.zoo.tokenizer import save_tokenizer
 from evomerge.zoo.train import ModelShape, TrainConfig, deterministic, new_model, train
 

@@ -19,13 +19,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 
+from evomerge.bench.scoring_bench import bench_scoring
 from evomerge.errors import CandidateError, MissingPathError, TaskError
 from evomerge.objective import MetricTerm, ObjectiveConfig
 from evomerge.scoring import (
     PublicBenchmarkWarning,
     Scorer,
-    ScoringConfig,
-    bench_scoring,
+    ScoringSettings,
     check_tasks,
     describe_tasks,
     public_benchmarks,
@@ -136,10 +136,8 @@ aggregate_metric_list:
 """
 
 
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory):
+def build_scoring_zoo(root: Path) -> SimpleNamespace:
     """Models a and b (random), a tokenizer, and a folder of task YAMLs with local data."""
-    root = tmp_path_factory.mktemp("scoring")
     tok = _tokenizer()
     paths = {}
     for name, seed in (("a", 0), ("b", 1)):
@@ -175,7 +173,12 @@ def zoo(tmp_path_factory):
     return SimpleNamespace(root=root, tasks=str(tasks), a=paths["a"], b=paths["b"])
 
 
-def _reference(model_dir: Path, config: ScoringConfig) -> dict[str, dict[str, float]]:
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    return build_scoring_zoo(tmp_path_factory.mktemp("scoring"))
+
+
+def _reference(model_dir: Path, config: ScoringSettings) -> dict[str, dict[str, float]]:
     """Independent reference: a fresh load and plain lm_eval.simple_evaluate."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -209,7 +212,7 @@ def _swap_in(resident: torch.nn.Module, source_dir: Path) -> None:
 
 
 def test_check_tasks_lists_metrics_without_a_model(zoo):
-    cfg = ScoringConfig(tasks=("tiny_mc", "tiny_gen", "tiny_group"), include_paths=(zoo.tasks,))
+    cfg = ScoringSettings(tasks=("tiny_mc", "tiny_gen", "tiny_group"), include_paths=(zoo.tasks,))
     assert check_tasks(cfg) == {
         "tiny_mc": ["acc", "brier_score"],
         "tiny_gen": ["exact_match,first-word"],
@@ -221,9 +224,9 @@ def test_check_tasks_lists_metrics_without_a_model(zoo):
 
 def test_bad_task_configs_fail_with_one_clear_line(zoo, tmp_path):
     with pytest.raises(TaskError, match=r"unknown task 'tiny_mcc'.*did you mean 'tiny_mc'"):
-        check_tasks(ScoringConfig(tasks=("tiny_mcc",), include_paths=(zoo.tasks,)))
+        check_tasks(ScoringSettings(tasks=("tiny_mcc",), include_paths=(zoo.tasks,)))
     with pytest.raises(MissingPathError, match=r"include path .*nowhere does not exist"):
-        check_tasks(ScoringConfig(tasks=("tiny_mc",), include_paths=(str(tmp_path / "nowhere"),)))
+        check_tasks(ScoringSettings(tasks=("tiny_mc",), include_paths=(str(tmp_path / "nowhere"),)))
     # a task whose data file is gone, and a YAML lm-eval cannot parse (it skips those silently)
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -232,13 +235,13 @@ def test_bad_task_configs_fail_with_one_clear_line(zoo, tmp_path):
     with pytest.raises(
         MissingPathError, match=r"task 'lost': data file .*gone.jsonl does not exist"
     ):
-        check_tasks(ScoringConfig(tasks=("lost",), include_paths=(str(bad),)))
+        check_tasks(ScoringSettings(tasks=("lost",), include_paths=(str(bad),)))
     with pytest.raises(TaskError, match=r"unknown task .zz_broken.*broken.yaml"):
-        check_tasks(ScoringConfig(tasks=("zz_broken",), include_paths=(str(bad),)))
+        check_tasks(ScoringSettings(tasks=("zz_broken",), include_paths=(str(bad),)))
     # a metric the task does not produce: caught from the YAMLs, before any model is loaded
     from evomerge.objective import Objective
 
-    info = describe_tasks(ScoringConfig(tasks=("tiny_mc",), include_paths=(zoo.tasks,)))
+    info = describe_tasks(ScoringSettings(tasks=("tiny_mc",), include_paths=(zoo.tasks,)))
     with pytest.raises(TaskError, match=r"does not produce metric .f1.*acc, brier_score"):
         Objective(ObjectiveConfig(metrics=[MetricTerm(task="tiny_mc", metric="f1")]), info)
 
@@ -246,7 +249,7 @@ def test_bad_task_configs_fail_with_one_clear_line(zoo, tmp_path):
 def test_weight_swap_scores_like_a_fresh_load_and_simple_evaluate(zoo):
     """Same weights twice: identical. After an in-place swap: the other checkpoint's numbers, as
     lm-eval's simple_evaluate computes them on a fresh load (few-shot, limit, both request types)."""
-    cfg = ScoringConfig(
+    cfg = ScoringSettings(
         tasks=("tiny_mc", "tiny_gen"),
         include_paths=(zoo.tasks,),
         limit=10,
@@ -274,7 +277,7 @@ def test_weight_swap_scores_like_a_fresh_load_and_simple_evaluate(zoo):
 
 
 def test_zero_shot_group_and_generation_match_simple_evaluate(zoo):
-    cfg = ScoringConfig(tasks=("tiny_group", "tiny_gen"), include_paths=(zoo.tasks,))
+    cfg = ScoringSettings(tasks=("tiny_group", "tiny_gen"), include_paths=(zoo.tasks,))
     model, tok = _load(zoo.a)
     scorer = Scorer(model, tok, cfg)
     result = scorer.score()
@@ -294,7 +297,7 @@ def test_zero_shot_group_and_generation_match_simple_evaluate(zoo):
 
 
 def test_nan_weights_fail_the_candidate_not_the_run(zoo):
-    cfg = ScoringConfig(tasks=("tiny_mc", "tiny_gen"), include_paths=(zoo.tasks,), limit=4)
+    cfg = ScoringSettings(tasks=("tiny_mc", "tiny_gen"), include_paths=(zoo.tasks,), limit=4)
     model, tok = _load(zoo.a)
     scorer = Scorer(model, tok, cfg)
     good = scorer.score().metrics
@@ -312,7 +315,7 @@ def test_requests_that_tokenize_to_nothing_fail_at_build_not_per_candidate(zoo, 
     data = _jsonl(tmp_path / "d.jsonl", [{"q": "w1 w2", "choices": ["w3", "w4"], "label": 0}])
     glued = MC_YAML.format(name="glued", data=data) + 'target_delimiter: ""\n'  # "A:w3": one word
     (tmp_path / "glued.yaml").write_text(glued)
-    cfg = ScoringConfig(tasks=("glued",), include_paths=(str(tmp_path),))
+    cfg = ScoringSettings(tasks=("glued",), include_paths=(str(tmp_path),))
     with pytest.raises(TaskError, match=r"'glued'.*tokenizes to an empty context or continuation"):
         Scorer(*_load(zoo.a), cfg)
 
@@ -326,14 +329,14 @@ def test_public_benchmark_fitness_tasks_warn(zoo, tmp_path):
     data = tmp_path / "d.jsonl"
     _jsonl(data, [{"q": "w1 w2", "choices": ["w3", "w4"], "label": 0}] * 2)
     (tmp_path / "t.yaml").write_text(MC_YAML.format(name="hellaswag_local", data=data))
-    cfg = ScoringConfig(tasks=("hellaswag_local",), include_paths=(str(tmp_path),))
+    cfg = ScoringSettings(tasks=("hellaswag_local",), include_paths=(str(tmp_path),))
     model, tok = _load(zoo.a)
     with pytest.warns(PublicBenchmarkWarning, match="hellaswag_local"):
         Scorer(model, tok, cfg)
 
 
 def test_bench_scoring_reports_split_and_agrees_with_fresh_call(zoo):
-    cfg = ScoringConfig(tasks=("tiny_mc",), include_paths=(zoo.tasks,), limit=6)
+    cfg = ScoringSettings(tasks=("tiny_mc",), include_paths=(zoo.tasks,), limit=6)
     report = bench_scoring(*_load(zoo.a), cfg, repeats=1)
     assert report["metrics_match"] is True
     assert report["score_s"] > 0 and report["fresh_s"] > 0
@@ -347,7 +350,7 @@ def test_eval_command_prints_table_and_json(zoo, capsys):
     args = ["eval", str(zoo.a), "--tasks", "tiny_mc,tiny_gen", "--include-path", zoo.tasks]
     assert main([*args, "--limit", "6", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    cfg = ScoringConfig(tasks=("tiny_mc", "tiny_gen"), include_paths=(zoo.tasks,), limit=6)
+    cfg = ScoringSettings(tasks=("tiny_mc", "tiny_gen"), include_paths=(zoo.tasks,), limit=6)
     assert out["tasks"] == Scorer(*_load(zoo.a), cfg, fitness=False).score().metrics
     assert out["primary"]["tiny_mc"] == {"metric": "acc", "higher_is_better": True}
 
@@ -370,45 +373,3 @@ def test_eval_command_user_errors_exit_2(zoo, tmp_path, capsys):
     (pickled / "pytorch_model.bin").write_bytes(b"")
     assert main(["eval", str(pickled), "--tasks", "tiny_mc", *inc]) == 2
     assert "--allow-pickle" in capsys.readouterr().err
-
-
-def test_scoring_config_rejects_bad_values():
-    from evomerge.errors import ConfigError
-
-    assert ScoringConfig(tasks=["x"], include_paths="p").include_paths == ("p",)
-    for bad in (
-        {"tasks": ()},
-        {"tasks": ("a", "a")},
-        {"tasks": ("a",), "limit": 0},
-        {"tasks": ("a",), "limit": 2.5},
-        {"tasks": ("a",), "batch_size": 0},
-        {"tasks": ("a",), "num_fewshot": -1},
-    ):
-        with pytest.raises(ConfigError):
-            ScoringConfig(**bad)
-
-
-@pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_planned_loglikelihood_equals_lm_evals_loop(zoo, batch_size):
-    """The replayed plan gives lm-eval's (log-probability, is-greedy) answers bit for bit, in
-    request order, including one-token continuations that share one forward row."""
-    from lm_eval.models.huggingface import HFLM
-
-    cfg = ScoringConfig(
-        tasks=("tiny_mc", "tiny_mc2"),
-        include_paths=(zoo.tasks,),
-        num_fewshot=1,
-        batch_size=batch_size,
-    )
-    model, tok = _load(zoo.a)
-    scorer = Scorer(model, tok, cfg)
-    plan = scorer.lm._plan
-    assert plan is not None and plan.requests is scorer._ll_tokens
-    rows = sum(b.inputs.shape[0] for b in plan.batches)
-    answers = sum(len(b.spans) for b in plan.batches)
-    assert rows < answers == len(scorer._ll_tokens)  # single-word choices share their context row
-    with torch.no_grad():
-        want = HFLM._loglikelihood_tokens(scorer.lm, list(scorer._ll_tokens), disable_tqdm=True)
-        got = scorer.lm._loglikelihood_tokens(scorer._ll_tokens, disable_tqdm=True)
-    assert got == want
-    assert len({a for a, _ in got}) > 10  # distinct numbers: a wrong order could not pass

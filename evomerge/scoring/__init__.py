@@ -1,9 +1,11 @@
-"""lm-eval in process, on the worker's resident model (the only place that imports lm_eval).
+"""lm-eval in process, on the worker's resident model.
 
-`Scorer(model, tokenizer, ScoringConfig(tasks=...))` builds tasks, datasets and requests once;
+`Scorer(model, tokenizer, ScoringSettings(tasks=...))` builds tasks, datasets and requests once;
 `scorer.score()` reruns only the forward passes and metrics after each in-place weight swap.
 `check_tasks(config)` validates task names, include paths and metrics without a model.
 Importing this package is cheap: lm_eval and torch load when a scorer or check needs them.
+lm-eval's internals are used in `evomerge.scoring.lm_eval_adapter` only; the plain
+`simple_evaluate` path the scorer is compared with is `evomerge.bench.scoring_reference`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from evomerge.scoring.bench import bench_scoring, fresh_evaluate
 from evomerge.scoring.catalog import check_tasks, describe_tasks
 from evomerge.scoring.config import (
     PUBLIC_BENCHMARKS,
     PublicBenchmarkWarning,
     ScoreResult,
-    ScoringConfig,
+    ScoringSettings,
     public_benchmarks,
 )
 from evomerge.scoring.scorer import Scorer
@@ -31,10 +32,8 @@ __all__ = [
     "PublicBenchmarkWarning",
     "ScoreResult",
     "Scorer",
-    "ScoringConfig",
-    "bench_scoring",
+    "ScoringSettings",
     "check_tasks",
     "describe_tasks",
-    "fresh_evaluate",
     "public_benchmarks",
 ]

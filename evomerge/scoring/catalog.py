@@ -3,24 +3,27 @@
 Only our include paths are indexed unless a name is not found there: indexing lm-eval's ~15k
 built-in tasks takes tens of seconds, so it happens only when a built-in task is asked for.
 Metrics are read from the task YAMLs (metric_list, filter_list, aggregate_metric_list), so a
-study config is checked in a second, before any model or dataset is loaded.
+study config is checked in a second, before any model or dataset is loaded. lm-eval's index
+entries, YAML loader and metric registry are read through `lm_eval_adapter.index`.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import MissingPathError, TaskError
 from evomerge.objective import TaskMetrics
-from evomerge.scoring.config import ScoringConfig
+from evomerge.scoring.config import ScoringSettings
+from evomerge.scoring.lm_eval_adapter import index
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
+
+    from evomerge.scoring.lm_eval_adapter.tasks import GroupFacts, TaskFacts
 
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
 _GROUP_FIELDS = {"group", "group_alias", "task", "aggregate_metric_list", "metadata", "tag"}
@@ -84,33 +87,17 @@ def _is_yaml_path(name: str) -> bool:
     return name.endswith((".yaml", ".yml")) and Path(name).expanduser().is_file()
 
 
-@functools.lru_cache(maxsize=1)
-def _builtin_yaml_text() -> str:
-    """All of lm-eval's built-in task YAMLs as one string (~7 MB): a name absent from it is no
-    built-in task, found in a second instead of indexing every task (tens of seconds)."""
-    import lm_eval.tasks
-
-    root = Path(lm_eval.tasks.__file__).parent
-    return "\n".join(f.read_text(errors="replace") for f in sorted(root.glob("**/*.yaml")))
-
-
-def _builtin_names() -> list[str]:
-    """Task, group and tag names declared in the built-in YAMLs (for did-you-mean only)."""
-    pattern = r"(?m)^\s*(?:task|group|tag):\s*[\"']?([\w.\-]+)"
-    return sorted(set(re.findall(pattern, _builtin_yaml_text())))
-
-
-def resolve_tasks(config: ScoringConfig) -> TaskManager:
+def resolve_tasks(config: ScoringSettings) -> TaskManager:
     """A TaskManager that knows every name in `config.tasks`, or TaskError naming the unknown."""
     paths = check_include_paths(config.include_paths)
     tm = task_manager(paths, False)
     missing = [t for t in config.tasks if t not in tm.task_index and not _is_yaml_path(t)]
-    if missing and any(t in _builtin_yaml_text() for t in missing):
+    if missing and any(t in index.builtin_yaml_text() for t in missing):
         tm = task_manager(paths, True)
         missing = [t for t in missing if t not in tm.task_index]
     if missing:
         name = missing[0]
-        close = difflib.get_close_matches(name, [*tm.all_tasks, *_builtin_names()], n=3)
+        close = difflib.get_close_matches(name, [*tm.all_tasks, *index.builtin_names()], n=3)
         hint = (
             f"; did you mean {', '.join(repr(c) for c in dict.fromkeys(close))}?" if close else ""
         )
@@ -124,15 +111,11 @@ def resolve_tasks(config: ScoringConfig) -> TaskManager:
 
 def _broken_yaml_note(paths: tuple[str, ...]) -> str:
     """lm-eval skips a YAML that fails to parse at debug level; say so where a task is missing."""
-    from lm_eval.tasks._index import TaskIndex
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     broken = []
     for root in paths:
         for f in sorted(Path(root).glob("**/*.y*ml")):
-            try:
-                TaskIndex.process_cfg(load_yaml(f, resolve_func=False, recursive=True), f, {})
-            except Exception as exc:  # any parse or shape error; we only report it
+            exc = index.index_error(f)
+            if exc is not None:
                 broken.append(f"{f}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     if not broken:
         return ""
@@ -140,27 +123,19 @@ def _broken_yaml_note(paths: tuple[str, ...]) -> str:
     return "; these task YAMLs failed to load: " + "; ".join(broken[:2]) + more
 
 
-def _higher_is_better(metric: str) -> bool | None:
-    from lm_eval.api.registry import is_higher_better
-
-    try:
-        return is_higher_better(metric)
-    except Exception:  # unknown or custom metric: direction unknown
-        return None
-
-
 def metrics_of_task_cfg(name: str, cfg: Mapping[str, Any]) -> TaskMetrics:
     """Metric keys a task YAML makes lm-eval report, in filter-then-metric_list order."""
-    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
-
     _check_data_files(name, cfg)
     metric_list = cfg.get("metric_list")
     if metric_list is None:
         output_type = cfg.get("output_type", "generate_until")
-        pairs = [(m, _higher_is_better(m)) for m in DEFAULT_METRIC_REGISTRY.get(output_type, [])]
+        pairs = [(m, index.higher_is_better(m)) for m in index.default_metrics(output_type)]
     else:
         pairs = [
-            (str(mc["metric"]), mc.get("higher_is_better", _higher_is_better(str(mc["metric"]))))
+            (
+                str(mc["metric"]),
+                mc.get("higher_is_better", index.higher_is_better(str(mc["metric"]))),
+            )
             for mc in metric_list
             if isinstance(mc, Mapping) and "metric" in mc
         ]
@@ -201,7 +176,7 @@ def group_metrics(
                 for leaf in leaves
                 if leaf.higher_is_better.get(key) is not None
             ]
-            hib[key] = known[0] if known else _higher_is_better(metric)
+            hib[key] = known[0] if known else index.higher_is_better(metric)
     return TaskMetrics(name, hib, next(iter(hib), None))
 
 
@@ -221,18 +196,6 @@ def _check_data_files(name: str, cfg: Mapping[str, Any]) -> None:
                 )
 
 
-def _entry_cfg(tm: TaskManager, name: str) -> tuple[str, Any, dict]:
-    """(kind name, entry, config with includes resolved, functions left as strings)."""
-    from lm_eval.tasks._index import TaskIndex
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    entry = tm.task_index.get(name) or TaskIndex.entry_from_path(Path(name))
-    cfg = entry.cfg
-    if cfg is None and entry.yaml_path is not None:
-        cfg = load_yaml(entry.yaml_path, resolve_func=False, recursive=True)
-    return entry.kind.name, entry, dict(cfg or {})
-
-
 def _leaves(
     tm: TaskManager, cfg: Mapping[str, Any], overrides: Mapping[str, Any]
 ) -> Iterator[TaskMetrics]:
@@ -241,8 +204,8 @@ def _leaves(
     members = cfg.get("task")
     for item in members if isinstance(members, list) else [members]:
         if isinstance(item, Mapping) and "group" in item:
-            base = tm.task_index.get(item["group"])
-            sub = {**(base.cfg or {}), **item} if base is not None else dict(item)
+            base = index.indexed(tm, item["group"])
+            sub = {**base.cfg, **item} if base is not None else dict(item)
             yield from _leaves(tm, sub, overrides)
         elif isinstance(item, (str, Mapping)):
             task = item if isinstance(item, str) else str(item.get("task"))
@@ -250,52 +213,66 @@ def _leaves(
             if task not in tm.task_index:
                 yield metrics_of_task_cfg(task, {**overrides, **extra})
                 continue
-            kind, entry, sub = _entry_cfg(tm, task)
-            if kind == "GROUP":
-                yield from _leaves(tm, sub, {**overrides, **extra})
-            elif kind == "TAG":
-                for t in sorted(entry.tags):
-                    yield metrics_of_task_cfg(t, {**_entry_cfg(tm, t)[2], **overrides, **extra})
+            sub = index.entry(tm, task)
+            if sub.kind == "GROUP":
+                yield from _leaves(tm, sub.cfg, {**overrides, **extra})
+            elif sub.kind == "TAG":
+                for t in sorted(sub.tags):
+                    yield metrics_of_task_cfg(t, {**index.entry(tm, t).cfg, **overrides, **extra})
             else:
-                yield metrics_of_task_cfg(task, {**sub, **overrides, **extra})
+                yield metrics_of_task_cfg(task, {**sub.cfg, **overrides, **extra})
 
 
 def aggregates_of(cfg_list: Any) -> list[tuple[str, list[str] | None]]:
+    """(metric, filter_list) of a group's aggregate_metric_list (one entry or a list)."""
     items = cfg_list if isinstance(cfg_list, list) else [cfg_list] if cfg_list else []
     out = []
     for a in items:
-        metric = a.get("metric") if isinstance(a, Mapping) else getattr(a, "metric", None)
-        filters = (
-            a.get("filter_list") if isinstance(a, Mapping) else getattr(a, "filter_list", None)
-        )
+        metric = a.get("metric") if isinstance(a, Mapping) else None
+        filters = a.get("filter_list") if isinstance(a, Mapping) else None
         if metric:
             out.append((str(metric), [filters] if isinstance(filters, str) else filters))
     return out
 
 
-def describe_tasks(config: ScoringConfig) -> dict[str, TaskMetrics]:
+def describe_tasks(config: ScoringSettings) -> dict[str, TaskMetrics]:
     """Reported name -> metrics, for every requested name: a task is itself, a tag its tasks,
     a group itself when it aggregates (else its leaf tasks). Raises TaskError/MissingPathError."""
     tm = resolve_tasks(config)
     out: dict[str, TaskMetrics] = {}
     for name in config.tasks:
-        kind, entry, cfg = _entry_cfg(tm, name)
-        if kind == "TAG":
+        entry = index.entry(tm, name)
+        if entry.kind == "TAG":
             for t in sorted(entry.tags):
-                out[t] = metrics_of_task_cfg(t, _entry_cfg(tm, t)[2])
-        elif kind == "GROUP":
-            leaves = list(_leaves(tm, cfg, {}))
-            aggs = aggregates_of(cfg.get("aggregate_metric_list"))
+                out[t] = metrics_of_task_cfg(t, index.entry(tm, t).cfg)
+        elif entry.kind == "GROUP":
+            leaves = list(_leaves(tm, entry.cfg, {}))
+            aggs = aggregates_of(entry.cfg.get("aggregate_metric_list"))
             if aggs:
                 out[entry.name] = group_metrics(entry.name, aggs, leaves)
             else:
                 out.update({leaf.task: leaf for leaf in leaves})
         else:
-            out[entry.name] = metrics_of_task_cfg(entry.name, cfg)
+            out[entry.name] = metrics_of_task_cfg(entry.name, entry.cfg)
     return out
 
 
-def check_tasks(config: ScoringConfig) -> dict[str, list[str]]:
+def metrics_of_built(
+    tasks: Iterable[TaskFacts], groups: Iterable[GroupFacts]
+) -> dict[str, TaskMetrics]:
+    """Name -> metrics of built tasks, then of their groups (children first, as aggregated):
+    what the scorer reports, read from lm-eval's objects instead of the YAMLs."""
+    built = {
+        t.name: TaskMetrics(t.name, *_keys(list(t.higher_is_better), _filter_names(t.filter_list)))
+        for t in tasks
+    }
+    for g in groups:
+        leaves = [built[n] for n in g.leaves if n in built]
+        built[g.name] = group_metrics(g.name, aggregates_of(g.aggregate_metric_list), leaves)
+    return built
+
+
+def check_tasks(config: ScoringSettings) -> dict[str, list[str]]:
     """Task -> the metric keys it reports; raises on unknown tasks or missing paths/data files.
 
     Needs no model: run it when a study config is loaded, before anything expensive.

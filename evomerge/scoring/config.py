@@ -6,6 +6,9 @@ import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import ConfigError
 
@@ -59,59 +62,141 @@ def warn_public_benchmarks(tasks: Iterable[str]) -> None:
         )
 
 
-@dataclass(frozen=True)
-class ScoringConfig:
-    """What to score and how; one scorer builds these tasks once and reuses them."""
+def _names(value: Any) -> tuple[Any, ...]:
+    """One string is one name (not its characters); any other iterable gives its items."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        return (value,) if value is not None else ()
 
-    tasks: tuple[str, ...]  # lm-eval task, group or tag names, or paths to task YAML files
-    include_paths: tuple[str, ...] = ()  # folders of task YAMLs (our evals/)
-    limit: int | float | None = None  # first N docs per task (a float < 1: that fraction)
-    num_fewshot: int | None = None  # None: each task's own default (0 if it has none)
-    batch_size: int = 16
-    apply_chat_template: bool = False  # few-shot examples then become a multi-turn chat
-    fewshot_seed: int = 1234  # lm-eval's default, so numbers match simple_evaluate
-    seed: int = 1234  # torch seed for sampled generation, reset for every candidate
 
-    def __post_init__(self) -> None:
-        tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
-        paths = (
-            (self.include_paths,)
-            if isinstance(self.include_paths, str)
-            else tuple(self.include_paths)
-        )
-        object.__setattr__(self, "tasks", tasks)
-        object.__setattr__(self, "include_paths", tuple(str(p) for p in paths))
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class ScoringSettings(BaseModel):
+    """What to score and how; one scorer builds these tasks once and reuses them.
+
+    Built once (by the study plan or `evomerge eval`) and passed as it is, to Ray actors too:
+    frozen, hashable and picklable. Bad values raise ConfigError naming the setting.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tasks: tuple[str, ...] = Field(
+        description="lm-eval task, group or tag names, or paths to task YAML files; a group "
+        "that aggregates its tasks is reported as one entry, so the objective can name it"
+    )
+    include_paths: tuple[str, ...] = Field(
+        default=(),
+        description="folders of task YAMLs (our evals/), searched first: indexing lm-eval's "
+        "built-in tasks takes tens of seconds, so it happens only for a name not found here",
+    )
+    limit: int | float | None = Field(
+        default=None,
+        description="first N docs per task (a float < 1: that fraction, rounded up); lm-eval "
+        "takes the first docs, not a sample, so every candidate is scored on the same ones",
+    )
+    num_fewshot: int | None = Field(
+        default=None,
+        description="few-shot examples per prompt; None keeps each task's own default (0 if it "
+        "has none), and a task pinned to 0 keeps 0, as simple_evaluate does",
+    )
+    batch_size: int = Field(
+        default=16,
+        description="requests per forward pass; a fixed size lets the scorer plan the "
+        "log-likelihood batches once instead of per candidate",
+    )
+    apply_chat_template: bool = Field(
+        default=False,
+        description="format prompts with the tokenizer's chat template, for chat models; the "
+        "few-shot examples then become a multi-turn chat",
+    )
+    fewshot_seed: int = Field(
+        default=1234,
+        description="seed of the few-shot example sampler; lm-eval's default, so the numbers "
+        "match simple_evaluate's",
+    )
+    seed: int = Field(
+        default=1234,
+        description="torch seed for sampled generation, reset before every candidate so that "
+        "two candidates differ only by their weights",
+    )
+
+    def __init__(self, **data: Any) -> None:
+        """Keyword construction as for a dataclass; ConfigError (not ValidationError) on bad
+        values, with the message of the first rule broken."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_first_message(exc)) from None
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _check_tasks(cls, value: Any) -> tuple[str, ...]:
+        tasks = _names(value)
         if not tasks or any(not isinstance(t, str) or not t.strip() for t in tasks):
             raise ConfigError(f"scoring tasks: need one or more task names, got {list(tasks)!r}")
         dup = sorted({t for t in tasks if tasks.count(t) > 1})
         if dup:
             raise ConfigError(f"scoring tasks: {', '.join(dup)} listed more than once")
-        if (
-            isinstance(self.batch_size, bool)
-            or not isinstance(self.batch_size, int)
-            or self.batch_size < 1
+        return tasks
+
+    @field_validator("include_paths", mode="before")
+    @classmethod
+    def _paths_as_strings(cls, value: Any) -> tuple[str, ...]:
+        return tuple(str(p) for p in _names(value))  # Path objects welcome
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _check_batch_size(cls, value: Any) -> int:
+        if not _is_int(value) or value < 1:
+            raise ConfigError(f"scoring batch_size must be an integer >= 1, got {value!r}")
+        return value
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _check_limit(cls, value: Any) -> int | float | None:
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+            or (isinstance(value, float) and value >= 1 and not value.is_integer())
         ):
             raise ConfigError(
-                f"scoring batch_size must be an integer >= 1, got {self.batch_size!r}"
+                f"scoring limit must be a count >= 1 or a fraction in (0, 1), got {value!r}"
             )
-        if self.limit is not None and (
-            isinstance(self.limit, bool)
-            or not isinstance(self.limit, (int, float))
-            or not math.isfinite(self.limit)
-            or self.limit <= 0
-            or (isinstance(self.limit, float) and self.limit >= 1 and not self.limit.is_integer())
-        ):
-            raise ConfigError(
-                f"scoring limit must be a count >= 1 or a fraction in (0, 1), got {self.limit!r}"
-            )
-        if self.num_fewshot is not None and (
-            isinstance(self.num_fewshot, bool)
-            or not isinstance(self.num_fewshot, int)
-            or self.num_fewshot < 0
-        ):
-            raise ConfigError(
-                f"scoring num_fewshot must be an integer >= 0, got {self.num_fewshot!r}"
-            )
+        return value
+
+    @field_validator("num_fewshot", mode="before")
+    @classmethod
+    def _check_num_fewshot(cls, value: Any) -> int | None:
+        if value is not None and (not _is_int(value) or value < 0):
+            raise ConfigError(f"scoring num_fewshot must be an integer >= 0, got {value!r}")
+        return value
+
+
+def _first_message(exc: ValidationError) -> str:
+    """Our own rule's message where one failed, else pydantic's, prefixed with the setting."""
+    errors = exc.errors()
+    for err in errors:
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigError):
+            return str(cause)
+    err = errors[0]
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"scoring: unknown setting {where!r}; the settings are {', '.join(_FIELDS)}"
+    if err["type"] == "missing":
+        return f"scoring {where}: required (the task names to score)"
+    msg = err["msg"][:1].lower() + err["msg"][1:]
+    return f"scoring {where}: {msg} ({err.get('input')!r})"
+
+
+_FIELDS = tuple(ScoringSettings.model_fields)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,15 @@ each answer's log-probability is still the float32 `sum()` of its own slice, as 
 so the numbers are the same bit for bit (the scorer tests compare with `simple_evaluate`).
 
 Only the causal backend with a fixed batch size is planned; anything else runs lm-eval's loop.
+
+What this relies on in lm-eval 0.4.13 (`lm_eval.models.huggingface.HFLM._loglikelihood_tokens`):
+its `_collate` sort key and `_lookup_one_token_cont` group key (copied below); `Collator`
+(`lm_eval.models.utils`: get_batched, get_cache, get_original); `pad_and_concat`
+(`lm_eval.models.utils_hf`, right padding); the causal input, the last `max_length` tokens of
+context + continuation but the final one; `_model_call(inputs)` returning logits; its
+`log_softmax(dim=-1, dtype=softmax_dtype)` and float32 `sum()` per answer; and the HFLM
+attributes `backend`, `batch_size`, `logits_cache`, `max_length`, `softmax_dtype`, `device`.
+tests/test_scoring_adapter.py compares the replay with `HFLM._loglikelihood_tokens` itself.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ class LoglikelihoodPlan:
         from lm_eval.models.utils import Collator
         from lm_eval.models.utils_hf import pad_and_concat
 
+        # HFLM.backend is "causal" or "seq2seq"; batch_size is "auto"/"auto:N" or an int
         if lm.backend != "causal" or not isinstance(lm.batch_size, int) or not requests:
             return None
 
@@ -51,6 +61,7 @@ class LoglikelihoodPlan:
         def group_key(req: Any) -> list[int]:  # as lm-eval's _lookup_one_token_cont
             return req[-2] + req[-1][:-1]
 
+        # as _loglikelihood_tokens builds it: group one-token continuations only with logits_cache
         re_ord = Collator(
             requests,
             sort_fn=sort_key,
@@ -60,6 +71,7 @@ class LoglikelihoodPlan:
         batches: list[_Batch] = []
         n_answers = 0
         for chunk in re_ord.get_batched(n=lm.batch_size, batch_fn=None):
+            # _loglikelihood_tokens' causal input: the last max_length tokens but the final one
             inputs = [
                 torch.tensor((ctx + cont)[-(lm.max_length + 1) :][:-1], dtype=torch.long)
                 for _, ctx, cont in chunk
@@ -71,7 +83,9 @@ class LoglikelihoodPlan:
             spans: list[tuple[int, int]] = []
             for row, ((req_str, ctx, cont), inp) in enumerate(zip(chunk, inputs, strict=True)):
                 inplen, contlen = len(inp), len(cont)
-                placeholder = torch.empty(1, contlen, 0)  # get_cache only expands it
+                # Collator.get_cache yields (req_str, cont_toks, logits) per request sharing this
+                # row; it only expands the logits, so a placeholder stands in for them
+                placeholder = torch.empty(1, contlen, 0)
                 for _, cont_toks, _ in re_ord.get_cache(
                     req_str=req_str, cxt_toks=ctx, cont_toks=cont, logits=placeholder
                 ):
@@ -101,10 +115,12 @@ class LoglikelihoodPlan:
 
         answers: list[tuple[float, bool]] = []
         for b in self.batches:
+            # HFLM._model_call(inps) -> logits, and the log_softmax _loglikelihood_tokens applies
             logp = F.log_softmax(lm._model_call(b.inputs), dim=-1, dtype=lm.softmax_dtype)
             scored = logp[b.rows, b.positions]  # (N, vocab)
             values = scored.gather(1, b.tokens.unsqueeze(1)).squeeze(1)
             greedy = (scored.argmax(dim=-1) == b.tokens).tolist()
+            # one sum() per answer over its own slice, as lm-eval sums it: the same float32 bits
             sums = torch.stack([values[i:j].sum() for i, j in b.spans]).tolist()
             answers += [(s, all(greedy[i:j])) for s, (i, j) in zip(sums, b.spans, strict=True)]
         return [answers[k] for k in self.order]

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.recipe import Recipe, Section
+from evomerge.report_model import Kind, PrimaryMetric, ReportRow, Split
+from evomerge.worker import WorkerSpec
 
 TIES_DENSITY = 0.5
 
@@ -32,7 +34,7 @@ TIES_DENSITY = 0.5
 @dataclass(frozen=True)
 class Baseline:
     name: str
-    kind: str
+    kind: Kind
     recipe: Recipe
 
 
@@ -79,28 +81,27 @@ def default_baselines(like: Recipe, sources: Sequence[str]) -> tuple[list[Baseli
 
 def make_row(
     name: str,
-    kind: str,
+    kind: Kind,
     scores: Mapping[str, Mapping[str, float]] | None,
     error: str | None,
     primary: Mapping[str, str],
-) -> dict[str, Any]:
-    """One report.json row: the primary metric per task and their mean."""
+) -> ReportRow:
+    """One report row: the primary metric per task and their mean (None unless all are known)."""
     tasks: dict[str, float | None] = {}
     for task, metric in primary.items():
         value = (scores or {}).get(task, {}).get(metric)
         tasks[task] = None if value is None else float(value)
     known = [v for v in tasks.values() if v is not None]
-    row: dict[str, Any] = {
-        "name": name,
-        "kind": kind,
-        "mean": statistics.fmean(known) if known and len(known) == len(tasks) else None,
-        "tasks": tasks,
-    }
-    if scores is not None:
-        row["metrics"] = {t: {k: float(v) for k, v in m.items()} for t, m in scores.items()}
-    if error:
-        row["error"] = error
-    return row
+    return ReportRow(
+        name=name,
+        kind=kind,
+        mean=statistics.fmean(known) if known and len(known) == len(tasks) else None,
+        tasks=tasks,
+        metrics=None
+        if scores is None
+        else {t: {k: float(v) for k, v in m.items()} for t, m in scores.items()},
+        error=error or None,
+    )
 
 
 class _Bar:
@@ -136,15 +137,15 @@ class _Bar:
 
 @dataclass(frozen=True)
 class Tables:
-    search: list[dict[str, Any]]
-    heldout: list[dict[str, Any]]
-    primary: dict[str, dict[str, tuple[str, bool]]]  # split -> task -> (metric, higher better)
-    greedy_soup: list[str]
-    notes: list[str]
+    search: tuple[ReportRow, ...]
+    heldout: tuple[ReportRow, ...]
+    primary: dict[Split, dict[str, PrimaryMetric]]  # split -> task -> its primary metric
+    greedy_soup: tuple[str, ...]
+    notes: tuple[str, ...]
 
 
 def score_baselines(
-    worker_spec: Any,
+    worker_spec: WorkerSpec,
     evolved: Recipe,
     evolved_name: str,
     sources: Sequence[str],
@@ -158,7 +159,7 @@ def score_baselines(
     """
     from evomerge.worker import Worker
 
-    splits = ["search"] + (["heldout"] if worker_spec.heldout else [])
+    splits: list[Split] = ["search"] + (["heldout"] if worker_spec.heldout else [])
     rows, notes = default_baselines(evolved, sources)
     rows.insert(0, Baseline(evolved_name, "evolved", evolved))
     extra_soups = max(len(sources) - 2, 0)  # soups of one or all members reuse parent/uniform
@@ -166,11 +167,17 @@ def score_baselines(
     bar.label("loading the models and building the tasks")
     try:
         worker = Worker(worker_spec)
-        primary = {sp: worker.scorer(sp).primary_metrics() for sp in splits}
+        primary = {
+            sp: {
+                t: PrimaryMetric(metric=m, higher_is_better=h)
+                for t, (m, h) in worker.scorer(sp).primary_metrics().items()
+            }
+            for sp in splits
+        }
     except BaseException:
         bar.close()
         raise
-    keys = {sp: {t: m for t, (m, _) in primary[sp].items()} for sp in splits}
+    keys = {sp: {t: pm.metric for t, pm in primary[sp].items()} for sp in splits}
     scored: dict[str, dict[str, tuple[Any, str | None]]] = {sp: {} for sp in splits}
     by_recipe: dict[tuple[str, str], tuple[Any, str | None]] = {}
 
@@ -178,7 +185,7 @@ def score_baselines(
         key = (recipe.content_hash(), split)
         if key not in by_recipe:
             bar.label(f"scoring {label} ({split})")
-            out = worker.evaluate(recipe.to_dict(), split)
+            out = worker.evaluate(recipe, split)
             by_recipe[key] = (out.scores, out.error)
             bar.step()
         return by_recipe[key]
@@ -187,7 +194,7 @@ def score_baselines(
         for sp in splits:
             for b in rows:
                 scored[sp][b.name] = score(b.recipe, b.name, sp)
-        members = _greedy_soup(evolved, sources, search_key, lambda r, n: score(r, n, "search"))
+        members = greedy_soup(evolved, sources, search_key, lambda r, n: score(r, n, "search"))
         soup = soup_recipe(evolved, members)
         soup_name = f"greedy soup ({', '.join(members)})"
         for sp in splits:
@@ -202,12 +209,15 @@ def score_baselines(
         bar.close()
     rows.append(Baseline(ens_name, "ensemble", evolved))
     tables = {
-        sp: [make_row(b.name, b.kind, *scored[sp][b.name], keys[sp]) for b in rows] for sp in splits
+        sp: tuple(make_row(b.name, b.kind, *scored[sp][b.name], keys[sp]) for b in rows)
+        for sp in splits
     }
-    return Tables(tables["search"], tables.get("heldout", []), primary, members, notes)
+    return Tables(
+        tables["search"], tables.get("heldout", ()), primary, tuple(members), tuple(notes)
+    )
 
 
-def _greedy_soup(
+def greedy_soup(
     like: Recipe,
     sources: Sequence[str],
     key: Callable[[Mapping[str, Mapping[str, float]]], float],
@@ -236,14 +246,14 @@ def _score_ensemble(
 ) -> tuple[Any, str | None]:
     from evomerge.ensemble import EnsembleForCausalLM
     from evomerge.errors import CandidateError
-    from evomerge.scoring import Scorer, ScoringConfig
+    from evomerge.scoring import Scorer
 
     recipes = [parent_recipe(like, s) for s in sources]
     activators = [lambda r=r: worker.merger.apply(r) for r in recipes]
     ensemble = EnsembleForCausalLM.swapping(worker.model, activators)
-    fields = worker.spec.scoring if split == "search" else worker.spec.heldout
+    settings = worker.spec.scoring if split == "search" else worker.spec.heldout
     try:
-        scorer = Scorer(ensemble, worker.tokenizer, ScoringConfig(**fields), fitness=False)
+        scorer = Scorer(ensemble, worker.tokenizer, settings, fitness=False)
         return scorer.score().metrics, None
     except CandidateError as exc:
         return None, str(exc)

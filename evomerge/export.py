@@ -8,28 +8,18 @@ recipe.yaml` rebuilds the weights), `mergekit.yaml` (when mergekit can express t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from evomerge import __version__
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
-from evomerge.report import (
-    REPORT_DIR,
-    RunView,
-    build_report,
-    format_heldout_table,
-    markdown_heldout_table,
-    open_run,
-    report_json,
-    report_plots,
-)
+from evomerge.report import RunView, build_report, open_run, report_plots
+from evomerge.report_model import Report
 
-__all__ = ["ExportResult", "export_run", "format_heldout_table", "model_card"]
+__all__ = ["ExportResult", "export_run", "mergekit_config"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +29,7 @@ class ExportResult:
     fitness: list[float]
     recipe: Recipe
     mergekit_reason: str | None  # None: mergekit.yaml was written
-    report: dict[str, Any]
+    report: Report
     files: list[str]
     tensors: int
     bytes_written: int
@@ -69,11 +59,11 @@ def _check_not_inside(out: Path, view: RunView) -> None:
 def mergekit_config(recipe: Recipe) -> tuple[str | None, str | None]:
     """(mergekit.yaml text, None) or (None, why mergekit cannot reproduce this recipe)."""
     from evomerge.mergekit_yaml import to_mergekit
-    from evomerge.plan import build_layout, open_readers
+    from evomerge.plan import build_layout, open_readers, resolve_task
 
     layout = build_layout(recipe, open_readers(recipe))
     try:
-        data = to_mergekit(recipe, layout)
+        data = to_mergekit(recipe, [resolve_task(recipe, out) for out in layout])
     except ConfigError as exc:
         return None, str(exc)
     header = (
@@ -97,8 +87,9 @@ def export_run(
     `report=False` skips scoring the baselines (a cached table from `evomerge report` is still
     used). Raises ConfigError for a non-empty `out_dir` without `force`, before any work.
     """
-    from evomerge.merge import merge_to_disk
-    from evomerge.report import write_report_dir
+    from evomerge.merge import MergeSettings, merge_to_disk
+    from evomerge.model_card import model_card
+    from evomerge.report_cache import write_report_dir
     from evomerge.worker import resolve_device
 
     out = Path(out_dir).expanduser().resolve()
@@ -107,24 +98,25 @@ def export_run(
     _check_not_inside(out, view)
     mk_text, mk_reason = mergekit_config(view.recipe)
     rep = build_report(view, heldout=report, progress=progress)
-    if rep["scored"] and not rep.get("cached"):
-        (view.store.dir / REPORT_DIR).mkdir(exist_ok=True)
-        write_report_dir(view, rep, {})  # cache the table for `report` and later exports
+    if rep.scored and not rep.cached:
+        write_report_dir(view.store.dir, rep, {})  # cache the table for `report` and later exports
     plots = report_plots(view)
     files: dict[str, str | bytes] = {
         "recipe.yaml": f"# evomerge recipe: `evomerge merge recipe.yaml --out DIR` rebuilds these weights\n{view.recipe.to_yaml()}",
-        "report.json": report_json(rep),
+        "report.json": rep.to_json(),
         **{f"plots/{name}": data for name, data in plots.items()},
     }
     if mk_text is not None:
         files["mergekit.yaml"] = mk_text
-    files["README.md"] = model_card(view, rep, mk_reason, sorted(files))
+    files["README.md"] = model_card(rep, view.recipe, mk_reason, sorted(files))
     stats = merge_to_disk(
         view.recipe,
-        out,
-        device=resolve_device(view.config.device),
-        overwrite=force,
-        progress=progress,
+        MergeSettings(
+            out_dir=out,
+            device=resolve_device(view.config.device),
+            overwrite=force,
+            progress=progress,
+        ),
         extra_files=files,
     )
     return ExportResult(
@@ -139,73 +131,3 @@ def export_run(
         bytes_written=stats.bytes_written,
         seconds=stats.seconds,
     )
-
-
-def model_card(
-    view: RunView, report: dict[str, Any], mk_reason: str | None, files: list[str]
-) -> str:
-    """README.md: provenance (sources, space, optimizer, trials), scores, how to load."""
-    run, tr = report["run"], report["trial"]
-    cfg = view.config
-    sp = run["search_space"]
-    methods: dict[str, int] = {}
-    for s in view.recipe.sections:
-        methods[s.method] = methods.get(s.method, 0) + 1
-    base = f"- base: `{cfg.models.base}`\n" if cfg.models.base else ""
-    sources = "".join(f"- `{s.name}`: `{s.path}`\n" for s in cfg.models.sources)
-    fitness = ", ".join(
-        f"{n} = {v:.4f}" for n, v in zip(run["objectives"], tr["fitness"], strict=False)
-    )
-    scores = "".join(
-        f"| {t} | {k} | {v:.4f} |\n" for t, m in tr["scores"].items() for k, v in m.items()
-    )
-    opts = {k: v for k, v in run["optimizer"].items() if k != "name"}
-    if mk_reason is None:
-        mk = "`mergekit.yaml` reproduces these weights with `mergekit-yaml mergekit.yaml OUT`."
-    else:
-        mk = f"No `mergekit.yaml`: mergekit cannot reproduce this recipe ({mk_reason})."
-    plots = "".join(f"![{f}]({f})\n" for f in files if f.endswith(".png"))
-    return f"""---
-library_name: transformers
-tags: [merge, evomerge]
----
-# {cfg.name}: evolved merge (trial {tr["trial"]})
-
-Merged with evomerge {__version__}: an evolutionary search over
-merge recipes. This checkpoint is trial {tr["trial"]} of run `{run["name"]}`
-({run["trials"]} trials{", the best" if tr["is_best"] else ""}).
-
-## Sources
-{base}{sources}
-## Method and search space
-- winning recipe: {", ".join(f"{m} ({n} sections)" for m, n in methods.items())}, dtype {view.recipe.dtype or "as sources"}
-- search space: {sp["preset"] or "inline"} ({sp["genes"]} genes, methods {", ".join(sp["methods"])}, {sp["granularity"]} layer(s) per group)
-  {sp["description"]}
-- optimizer: {run["optimizer"]["name"]} {json.dumps(opts, sort_keys=True) if opts else ""}, seed {run["seed"]}
-- trials: {run["trials"]} of a budget of {run["budget"]} ({run["failed"]} failed, {run["duplicates"]} duplicates)
-- fitness tasks: {", ".join(run["search_tasks"])}; held-out tasks: {", ".join(run["heldout_tasks"]) or "none"}
-
-## Scores
-Fitness: {fitness}.
-
-| task | metric | value |
-|---|---|---|
-{scores}
-### Held-out report
-{markdown_heldout_table(report)}
-## Reproduce
-- `recipe.yaml`: `evomerge merge recipe.yaml --out DIR` rebuilds these weights.
-- {mk}
-
-## Load
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-path = "path/to/this/folder"
-model = AutoModelForCausalLM.from_pretrained(path)
-tokenizer = AutoTokenizer.from_pretrained(path)
-```
-
-## Plots
-{plots}
-"""

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 import statistics
 import subprocess
@@ -16,30 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.cli import main
 from evomerge.errors import ConfigError
-from evomerge.recipe import Recipe, Section, load_recipe_file
+from evomerge.recipe import Recipe, Section
+from evomerge.recipe_loader import load_recipe_file
 from evomerge.runstore import RunStore, best_trial
-from tests.study_factory import make_tiny_study
+from tests.report_factory import cli, method_choice_run, ties_run
 
 KINDS = {"evolved", "parent", "uniform", "task_arithmetic", "ties", "greedy_soup", "ensemble"}
 
 
-def cli(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A finished 4-trial TIES study (deterministic method, base model, per-layer values)."""
-    root = tmp_path_factory.mktemp("exp")
-    study = make_tiny_study(root, preset="ties", max_trials=4)
-    code, _, err = cli(["run", str(study), "--runs-dir", str(root / "runs"), "--quiet"])
-    assert code == 0, err
-    return root / "runs" / "tiny"
+    return ties_run(tmp_path_factory.mktemp("exp"))
 
 
 @pytest.fixture(scope="module")
@@ -106,29 +92,6 @@ def test_report_json_rows(run_dir, exported):
     assert cached["search"] == report["search"] and cached["heldout"] == report["heldout"]
 
 
-def test_baseline_rows_match_independent_scoring(run_dir, exported):
-    """Parent rows equal scoring that checkpoint from disk; the uniform row equals scoring
-    the elementwise mean of the two parents' weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evomerge.scoring import Scorer, ScoringConfig
-
-    out, _ = exported
-    report = json.loads((out / "report.json").read_text())
-    rows = {r["name"]: r for r in report["heldout"]}
-    models = run_dir.parent.parent / "models"
-    config = ScoringConfig(tasks=("tiny_heldout",), include_paths=(str(models.parent / "tasks"),),
-                           batch_size=8)  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(models / "s1")
-    s1 = AutoModelForCausalLM.from_pretrained(models / "s1").eval()
-    s2 = AutoModelForCausalLM.from_pretrained(models / "s2").eval()
-    scorer = Scorer(s1, tok, config, fitness=False)
-    assert scorer.score().metrics == rows["parent s1"]["metrics"]
-    avg = {k: (v + s2.state_dict()[k]) / 2 for k, v in s1.state_dict().items()}
-    s1.load_state_dict(avg)
-    assert scorer.score().metrics == rows["uniform average"]["metrics"]
-
-
 @pytest.mark.mergekit
 @pytest.mark.skipif(
     importlib.util.find_spec("mergekit") is None, reason="mergekit extra not installed"
@@ -140,7 +103,7 @@ def test_mergekit_yaml_gives_the_same_tensors(exported, tmp_path):
     import yaml
 
     from evomerge.export import mergekit_config
-    from evomerge.merge import merge_to_disk
+    from evomerge.merge import MergeSettings, merge_to_disk
 
     out, _ = exported
     recipe = load_recipe_file(out / "recipe.yaml")
@@ -156,7 +119,7 @@ def test_mergekit_yaml_gives_the_same_tensors(exported, tmp_path):
     text, why = mergekit_config(linear)
     assert why is None and "base_model" not in yaml.safe_load(text)
     (tmp_path / "linear.yaml").write_text(text)
-    merge_to_disk(linear, tmp_path / "ours-linear", progress=False)
+    merge_to_disk(linear, MergeSettings(out_dir=tmp_path / "ours-linear", progress=False))
     driver = (
         "import sys\nfrom mergekit.scripts.run_yaml import main\n"
         "for cfg, dst in zip(sys.argv[1::2], sys.argv[2::2]):\n"
@@ -236,3 +199,25 @@ def test_user_errors_are_one_line_exit_2(run_dir, exported, tmp_path):
         from evomerge.export import export_run
 
         export_run(run_dir, out)
+
+
+def test_export_of_a_mixed_method_trial_explains_missing_mergekit_yaml(tmp_path_factory):
+    """A trial whose recipe mixes methods: no mergekit.yaml, and the CLI and the card say why;
+    a multi-objective run exports its Pareto plot."""
+    from evomerge.report import open_run
+
+    run_dir = method_choice_run(tmp_path_factory.mktemp("mixed"))
+    mixed = None
+    for r in RunStore(run_dir).read_trials():
+        if r.ok and len({s.method for s in open_run(run_dir, r.trial).recipe.sections}) > 1:
+            mixed = r.trial
+            break
+    assert mixed is not None, "no trial mixes methods"
+    out = run_dir.parent.parent / "mixed"
+    code, stdout, err = cli(["export", str(run_dir), "--out", str(out), "--trial", str(mixed),
+                             "--no-report", "--quiet"])  # fmt: skip
+    assert code == 0, err
+    assert not (out / "mergekit.yaml").exists()
+    assert "no mergekit.yaml: mergekit applies one merge method per config" in stdout
+    assert "No `mergekit.yaml`: mergekit cannot reproduce" in (out / "README.md").read_text()
+    assert (out / "plots" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.export import export_run, format_heldout_table
+    from evomerge.export import export_run
+    from evomerge.report_table import format_heldout_table
 
     result = export_run(
         args.run_dir,
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print("mergekit.yaml: `mergekit-yaml mergekit.yaml OUT` reproduces these weights")
     else:
         print(f"no mergekit.yaml: {result.mergekit_reason}")
-    if result.report.get("scored"):
+    if result.report.scored:
         print(format_heldout_table(result.report), end="")
     print(f"load it with AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r})")
     return 0

@@ -23,24 +23,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.report import (
-        build_report,
-        format_heldout_table,
-        format_summary,
-        open_run,
-        report_json,
-        report_plots,
-        write_report_dir,
-    )
+    from evomerge.report import build_report, open_run, report_plots
+    from evomerge.report_cache import write_report_dir
+    from evomerge.report_table import format_heldout_table, format_summary
 
     view = open_run(args.run_dir, args.trial)
     report = build_report(
         view, heldout=not args.no_heldout, progress=not args.quiet, use_cache=not args.recompute
     )
     plots = report_plots(view)
-    folder = write_report_dir(view, report, plots)
+    folder = write_report_dir(view.store.dir, report, plots)
     if args.json:
-        print(report_json(report), end="")
+        print(report.to_json(), end="")
         return 0
     print(format_summary(report), end="")
     print(format_heldout_table(report), end="")

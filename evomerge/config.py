@@ -1,8 +1,10 @@
 """study.yaml: one frozen, validated config for a whole study.
 
-Validation here is structural and cheap; `evomerge.study.prepare` then checks what needs the
-models' headers and the tasks (layer counts, methods versus sources, task names and metrics),
-still before any candidate is scored.
+Validation here is cheap and complete for everything that needs no model: the shape, and each
+plugin's own options (the optimizer's and the executor's `Options` models, found by name in their
+registries). `evomerge.study_plan.build_plan` then checks what needs the models' headers and the
+tasks (layer counts, methods versus sources, task names and metrics), still before any candidate
+is scored.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.executors import EXECUTORS
 from evomerge.objective import ObjectiveConfig
-from evomerge.recipe import format_validation_error, read_yaml
+from evomerge.optimizers import OPTIMIZERS
+from evomerge.scoring.config import ScoringSettings
+from evomerge.yaml_io import format_validation_error, read_yaml
 
 
 class _Frozen(BaseModel):
@@ -85,6 +90,21 @@ class TasksConfig(_Frozen):
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    def settings(self, split: Literal["search", "heldout"]) -> ScoringSettings | None:
+        """The scoring settings of one split (None: the study has no held-out tasks)."""
+        tasks = self.search if split == "search" else self.heldout
+        if not tasks:
+            return None
+        return ScoringSettings(
+            tasks=tuple(tasks),
+            include_paths=tuple(self.include_path),
+            limit=self.limit,
+            num_fewshot=self.num_fewshot,
+            batch_size=self.batch_size,
+            apply_chat_template=self.apply_chat_template,
+            fewshot_seed=self.fewshot_seed,
+        )
+
     @model_validator(mode="after")
     def _disjoint(self) -> TasksConfig:
         if not self.search:
@@ -97,15 +117,23 @@ class TasksConfig(_Frozen):
         return self
 
 
-class OptimizerConfig(BaseModel):
+class _PluginSection(BaseModel):
+    """A section naming a plugin; every other key is that plugin's option (its Options model)."""
+
     model_config = ConfigDict(frozen=True, extra="allow")
-    name: str = Field(
-        "cma", description="cma, optuna_tpe, optuna_cmaes, optuna_nsga2, optuna_random"
-    )
 
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class OptimizerConfig(_PluginSection):
+    name: str = Field("cma", description="a registered optimizer (evomerge/optimizers)")
+
+    @model_validator(mode="after")
+    def _options_of_the_optimizer(self) -> OptimizerConfig:
+        OPTIMIZERS.get(self.name).parse_options(self.options)
+        return self
 
 
 class BudgetConfig(_Frozen):
@@ -117,18 +145,14 @@ class BudgetConfig(_Frozen):
     )
 
 
-class ExecutorConfig(_Frozen):
-    kind: Literal["local", "ray"] = "local"
+class ExecutorConfig(_PluginSection):
+    kind: str = Field("local", description="a registered executor: local, ray")
     workers: int = Field(1, ge=1)
-    ray_address: str | None = None
-    gpus_per_worker: float | None = Field(
-        None, ge=0, description="default: 1 when the cluster has GPUs, else 0"
-    )
-    threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch threads of a CPU worker (default 1: tiny models run faster single-threaded)",
-    )
+
+    @model_validator(mode="after")
+    def _options_of_the_executor(self) -> ExecutorConfig:
+        EXECUTORS.get(self.kind).parse_options(self.options)
+        return self
 
 
 class StudyConfig(_Frozen):
@@ -166,8 +190,13 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parents):
+            if node.get(p) is None:  # absent, or an empty section (`budget:`)
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                section = ".".join(parents[: i + 1])
+                raise ConfigError(f"{path}: cannot set {dotted}: {section} is not a section")
+            node = node[p]
         node[leaf] = value
     base_dir = Path(path).resolve().parent
     _absolutize(data, base_dir)

@@ -6,6 +6,12 @@ User errors (exit 2, one line) derive from `UserError`; anything else is a bug (
 
 from __future__ import annotations
 
+#: Exit codes of the CLI (README: "Exit codes"). 1 is left to bugs (a traceback).
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_NO_SUCCESS = 3  # the study ran to its budget but every candidate failed
+EXIT_INTERRUPTED = 130  # SIGINT; the run is resumable
+
 
 class EvomergeError(Exception):
     """Base of every error evomerge raises on purpose."""

@@ -19,21 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evomerge.atomic import atomic_write
 from evomerge.errors import RunDirError
 
 TRIALS = "trials.jsonl"
 STATE = "state.json"
 STUDY = "study.yaml"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write to a temp name, fsync, rename: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -135,10 +126,22 @@ class RunStore:
         return info
 
     def write_best(self, record: TrialRecord, recipe_yaml: str) -> None:
+        """best/recipe.yaml, then best/trial.json: trial.json last marks the pair complete."""
         best = self.dir / "best"
         best.mkdir(exist_ok=True)
         atomic_write(best / "recipe.yaml", recipe_yaml)
         atomic_write(best / "trial.json", json.dumps(json.loads(record.to_json()), indent=2) + "\n")
+
+    def best_is(self, record: TrialRecord) -> bool:
+        """Whether best/ holds `record` complete (false after a crash before or inside
+        write_best, or when best/ was deleted)."""
+        best = self.dir / "best"
+        try:
+            saved = json.loads((best / "trial.json").read_text())
+        except (OSError, ValueError):
+            return False
+        same = saved.get("trial") == record.trial and saved.get("recipe_hash") == record.recipe_hash
+        return same and (best / "recipe.yaml").is_file()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -20,10 +20,21 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.model_set import ModelSet
 from evomerge.optimizers.base import Dimension
-from evomerge.recipe import Recipe, Section, format_validation_error, read_yaml
+from evomerge.recipe import Recipe, Section
+from evomerge.registry import Registry
+from evomerge.yaml_io import format_validation_error, read_yaml
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+
+#: Search-space presets by name: every YAML in search_spaces/, plus `evomerge.search_spaces`
+#: entry points of other packages (a path to their YAML file).
+SPACE_PRESETS: Registry[Path | str] = Registry(
+    "search space preset",
+    entry_points="evomerge.search_spaces",
+    discover=lambda: {p.stem: p for p in sorted(PRESETS_DIR.glob("*.yaml"))},
+)
 
 
 class Range(BaseModel):
@@ -92,18 +103,8 @@ def load_space(preset: str | None, overrides: Mapping[str, Any] | None, where: s
     """A preset from search_spaces/ (or a YAML path), with inline fields of the study on top."""
     data: dict[str, Any] = {}
     if preset:
-        path = (
-            Path(preset) if preset.endswith((".yaml", ".yml")) else PRESETS_DIR / f"{preset}.yaml"
-        )
-        if not path.exists():
-            available = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-            import difflib
-
-            close = difflib.get_close_matches(preset, available, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"{where}: unknown search space preset {preset!r}{hint} (available: {', '.join(available)})"
-            )
+        is_file = preset.endswith((".yaml", ".yml"))
+        path = Path(preset) if is_file else Path(SPACE_PRESETS.get(preset, where=where))
         loaded = read_yaml(path)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a search space must be a mapping")
@@ -129,8 +130,7 @@ class SearchSpace:
     """A space bound to concrete models and a layer count: genes, decoding, and the start point."""
 
     config: SpaceConfig
-    models: Mapping[str, str]  # source name -> path (the models being merged)
-    base: tuple[str, str] | None  # (name, path) of the base model, if any
+    models: ModelSet  # genes are per source (models.sources); the base is not merged
     num_layers: int
     seed: int = 0
     dtype: str | None = None
@@ -144,11 +144,11 @@ class SearchSpace:
                 f"search_space.granularity {g} does not divide the {self.num_layers} layers of the models "
                 f"(use one of {', '.join(str(d) for d in range(1, self.num_layers + 1) if self.num_layers % d == 0)})"
             )
-        n = len(self.models)
+        n = len(self.models.sources)
         for name, ms in self.config.methods.items():
             where = f"search_space.methods.{name}"
             method = METHODS.get(name, where="search_space.methods")
-            if method.needs_base and self.base is None:
+            if method.needs_base and self.models.base is None:
                 raise ConfigError(f"{where}: {name!r} needs models.base")
             method.check_model_count(n, where)
             for pname, val in ms.per_model.items():
@@ -192,7 +192,7 @@ class SearchSpace:
                         genes.append(
                             (Dimension(f"{group.key}.{mname}.{pname}", val.low, val.high), val.init)
                         )
-                for model in self.models:
+                for model in self.models.sources:
                     for pname, val in ms.per_model.items():
                         if isinstance(val, Range):
                             dim = Dimension(
@@ -227,7 +227,7 @@ class SearchSpace:
                     p: _value(v, genome, f"{group.key}.{mname}.{m}.{p}")
                     for p, v in ms.per_model.items()
                 }
-                for m in self.models
+                for m in self.models.sources
             }
             sections.append(
                 Section(
@@ -242,13 +242,10 @@ class SearchSpace:
             # Tensors outside the blocks follow the first layer group's recipe.
             first = sections[len(self.config.tensor_groups) - 1]
             sections.append(first.model_copy(update={"layers": None, "filter": None}))
-        all_models = dict(self.models)
-        if self.base is not None:
-            all_models = {self.base[0]: self.base[1], **all_models}
         return Recipe(
-            models=all_models,
-            base_model=self.base[0] if self.base else None,
-            tokenizer_source=self.base[0] if self.base else None,
+            models=dict(self.models.paths),
+            base_model=self.models.base,
+            tokenizer_source=self.models.base,
             dtype=self.dtype,
             seed=self.seed,
             sections=sections,

@@ -13,7 +13,12 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from evomerge.errors import CandidateError, ResourceError, UserError
+from evomerge.model_set import ModelSet
+from evomerge.recipe import Recipe
+from evomerge.scoring.config import ScoringSettings
 
 
 def resolve_device(device: str) -> str:
@@ -24,17 +29,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs to build itself; plain data so it ships to Ray actors."""
+class WorkerSpec(BaseModel):
+    """Everything a worker needs to build itself; frozen pydantic, so it ships to Ray actors."""
 
-    models: dict[str, str]  # name -> path, the base first when there is one
-    base: str | None
-    reference: str  # the model whose architecture and tokenizer the live model has
+    model_config = ConfigDict(frozen=True)
+    models: ModelSet  # the live model has the reference model's architecture and tokenizer
     device: str
     dtype: str
-    scoring: dict[str, Any]  # ScoringConfig fields for the search split
-    heldout: dict[str, Any] | None = None  # ScoringConfig fields for held-out tasks
+    scoring: ScoringSettings  # the search split: the fitness
+    heldout: ScoringSettings | None = None  # held-out tasks, for reports only
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -69,19 +72,15 @@ class Worker:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from evomerge.checkpoint import parse_dtype
-        from evomerge.plan import open_readers
-        from evomerge.recipe import Recipe, Section
+        from evomerge.checkpoint import CheckpointReader, parse_dtype
+        from evomerge.plan import model_layout
         from evomerge.resident import InPlaceMerger, ResidentSources
 
-        probe = Recipe(
-            models=spec.models,
-            base_model=spec.base,
-            tokenizer_source=spec.reference,
-            sections=[Section(method="passthrough", models={spec.reference: {}})],
-        )
-        self.readers = open_readers(probe, allow_pickle=spec.allow_pickle)
-        ref_path = self.readers[spec.reference].path
+        self.readers = {
+            name: CheckpointReader(path, allow_pickle=spec.allow_pickle, where=f"model {name!r}")
+            for name, path in spec.models.paths.items()
+        }
+        ref_path = self.readers[spec.models.reference].path
         dtype = parse_dtype(spec.dtype) or torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(
             ref_path, dtype=dtype, trust_remote_code=spec.trust_remote_code
@@ -91,33 +90,31 @@ class Worker:
             ref_path, trust_remote_code=spec.trust_remote_code
         )
         self.sources = ResidentSources(self.readers, device=self.device)
-        self.merger = InPlaceMerger.for_model(self.model, probe, self.readers, self.sources)
+        layout = model_layout(self.readers, spec.models.reference)
+        self.merger = InPlaceMerger(self.model.state_dict(keep_vars=True), self.sources, layout)
 
     @staticmethod
     def uses_cpu(spec: WorkerSpec) -> bool:
         return resolve_device(spec.device) == "cpu"
 
     def scorer(self, split: str) -> Any:
-        from evomerge.scoring import Scorer, ScoringConfig
+        from evomerge.scoring import Scorer
 
         if split not in self._scorers:
-            fields = self.spec.scoring if split == "search" else self.spec.heldout
-            if fields is None:
+            settings = self.spec.scoring if split == "search" else self.spec.heldout
+            if settings is None:
                 raise UserError("this study names no held-out tasks (tasks.heldout)")
             self._scorers[split] = Scorer(
-                self.model, self.tokenizer, ScoringConfig(**fields), fitness=(split == "search")
+                self.model, self.tokenizer, settings, fitness=(split == "search")
             )
         return self._scorers[split]
 
-    def evaluate(self, recipe_data: dict[str, Any], split: str = "search") -> Outcome:
+    def evaluate(self, recipe: Recipe, split: str = "search") -> Outcome:
         """Merge in place and score. A failing candidate returns its error; it never raises."""
-        from evomerge.recipe import Recipe
-
         seconds: dict[str, float] = {}
         scorer = self.scorer(split)  # a broken task setup is the user's error: it propagates
         t0 = time.perf_counter()
         try:
-            recipe = Recipe.model_validate(recipe_data)
             seconds["merge"] = self.merger.apply(recipe)
             result = scorer.score()
             seconds["score"] = result.seconds
@@ -149,9 +146,9 @@ def _is_oom(exc: BaseException) -> bool:
 def oom_error(spec: WorkerSpec, device: str, stage: str, exc: BaseException) -> ResourceError:
     """Out of memory is the study's size, not the candidate's fault: say what to make smaller."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    batch = spec.scoring.get("batch_size")
+    batch = spec.scoring.batch_size
     return ResourceError(
-        f"out of memory on {device} while {stage} ({len(spec.models)} models resident in their "
+        f"out of memory on {device} while {stage} ({len(spec.models.paths)} models resident in their "
         f"file dtype + the live model in {spec.dtype}, tasks.batch_size {batch}): keep fewer "
         "sources (models.sources), use dtype: bfloat16, lower tasks.batch_size, or run fewer "
         f"workers per device / use a device with more memory. ({first[:200]})"

@@ -11,7 +11,6 @@ import os
 import random
 import signal
 from collections import Counter
-from dataclasses import replace
 
 import pytest
 
@@ -31,31 +30,31 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def plan(tmp_path_factory):
     from evomerge.config import load_study_config
-    from evomerge.study import prepare
+    from evomerge.study_plan import build_plan
 
     path = make_tiny_study(tmp_path_factory.mktemp("ray_study"))
-    return prepare(load_study_config(str(path), {}))
+    return build_plan(load_study_config(str(path), {}))
 
 
-def random_recipes(prepared, n: int, seed: int = 0) -> list[dict]:
+def random_recipes(plan, n: int, seed: int = 0) -> list:
     rng = random.Random(seed)
     recipes = []
     for _ in range(n):
-        genome = dict(prepared.x0)
-        for d in prepared.space.dimensions():
+        genome = dict(plan.x0)
+        for d in plan.space.dimensions():
             if not d.choices:
                 genome[d.name] = rng.uniform(d.low, d.high)
-        recipes.append(prepared.space.decode(genome).to_dict())
+        recipes.append(plan.space.decode(genome))
     return recipes
 
 
 @pytest.fixture(scope="module")
-def expected(prepared):
+def expected(plan):
     """Recipes and their outcomes in process (the local executor is the reference)."""
-    recipes = random_recipes(prepared, 6)
-    with make_executor("local", prepared.worker_spec) as local:
+    recipes = random_recipes(plan, 6)
+    with make_executor("local", plan.worker_spec) as local:
         outcomes = []
         for i, recipe in enumerate(recipes):
             local.submit(Job(i, recipe))
@@ -78,9 +77,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def executor(cluster, prepared):
+def executor(cluster, plan):
     c, _ = cluster
-    ex = make_executor("ray", prepared.worker_spec, workers=2, ray_address=c.address)
+    ex = make_executor("ray", plan.worker_spec, workers=2, ray_address=c.address)
     yield ex
     ex.close()
 
@@ -115,16 +114,16 @@ def test_same_candidate_same_metrics_as_local(executor, expected):
     assert len({o.worker for o in got.values()}) == 2
 
 
-def test_start_errors_are_clear(executor, prepared, cluster):
+def test_start_errors_are_clear(executor, plan, cluster):
     c, _ = cluster
-    bad = {**prepared.worker_spec.scoring, "tasks": ("no_such_task",)}
-    spec = replace(prepared.worker_spec, scoring=bad)
+    bad = plan.worker_spec.scoring.model_copy(update={"tasks": ("no_such_task",)})
+    spec = plan.worker_spec.model_copy(update={"scoring": bad})
     with pytest.raises(TaskError, match="no_such_task"):  # raised in the actor, shown as itself
         make_executor("ray", spec, workers=1, cpus_per_worker=0, ray_address=c.address)
     with pytest.raises(ConfigError, match=r"executor\.workers 3 needs 3 CPUs"):
-        make_executor("ray", prepared.worker_spec, workers=3, ray_address=c.address)
+        make_executor("ray", plan.worker_spec, workers=3, ray_address=c.address)
     with pytest.raises(ConfigError, match="unknown option"):
-        make_executor("ray", prepared.worker_spec, workers=1, ray_adress=c.address)
+        make_executor("ray", plan.worker_spec, workers=1, ray_adress=c.address)
     assert ray.is_initialized()  # a failed start leaves the caller's connection alone
 
 

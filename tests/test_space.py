@@ -5,15 +5,25 @@ from __future__ import annotations
 import pytest
 
 from evomerge.errors import ConfigError
+from evomerge.model_set import ModelSet
 from evomerge.plan import OutTensor, resolve_task
-from evomerge.space import PRESETS_DIR, SearchSpace, load_space
+from evomerge.space import PRESETS_DIR, SPACE_PRESETS, SearchSpace, load_space
 
 MODELS = {"math": "/m/math", "code": "/m/code", "chat": "/m/chat"}
-BASE = ("base", "/m/base")
+
+
+def model_set(sources: dict[str, str] = MODELS) -> ModelSet:
+    return ModelSet(paths={"base": "/m/base", **sources}, base="base")
 
 
 def space(preset: str, layers: int = 4, **overrides) -> SearchSpace:
-    return SearchSpace(load_space(preset, overrides, "test"), MODELS, BASE, layers, seed=3)
+    return SearchSpace(load_space(preset, overrides, "test"), model_set(), layers, seed=3)
+
+
+def test_presets_registry_lists_the_folder_and_suggests():
+    assert SPACE_PRESETS.names() == sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    with pytest.raises(ConfigError, match="did you mean 'ties'"):
+        load_space("tis", None, "search_space")
 
 
 def test_every_preset_loads_and_decodes_its_start_point():
@@ -23,7 +33,7 @@ def test_every_preset_loads_and_decodes_its_start_point():
     )
     for name in presets:
         models = dict(list(MODELS.items())[:2]) if name == "slerp" else MODELS
-        sp = SearchSpace(load_space(name, None, name), models, BASE, 4)
+        sp = SearchSpace(load_space(name, None, name), model_set(models), 4)
         recipe = sp.decode(sp.initial_genome())
         assert recipe.base_model == "base" and recipe.sections
 
@@ -125,16 +135,4 @@ def test_without_global_group_outer_tensors_follow_first_group():
 )
 def test_bad_spaces_name_the_problem(preset, overrides, layers, needle):
     with pytest.raises(ConfigError, match=needle):
-        SearchSpace(load_space(preset, overrides, "search_space"), MODELS, BASE, layers)
-
-
-def test_warm_start_reads_an_earlier_recipe(tmp_path):
-    from evomerge.study import warm_start_genome
-
-    sp = space("ties", layers=2)
-    genome = sp.initial_genome()
-    genome["L1-1.all.ties.math.weight"] = 0.77
-    genome["global.ties.chat.density"] = 0.33
-    path = tmp_path / "winner.yaml"
-    path.write_text(sp.decode(genome).to_yaml())
-    assert warm_start_genome(sp, str(path)) == genome
+        SearchSpace(load_space(preset, overrides, "search_space"), model_set(), layers)

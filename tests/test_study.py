@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from evomerge.cli import main
-from evomerge.recipe import load_recipe_file
+from evomerge.recipe_loader import load_recipe_file
 from evomerge.runstore import RunStore
 from tests.study_factory import make_tiny_study
 
@@ -82,6 +82,7 @@ def test_run_to_budget_then_status_and_best(study_root, tmp_path, capsys):
 
 
 def test_failed_candidate_is_recorded_not_fatal(study_root, tmp_path, capsys, monkeypatch):
+    from evomerge.recipe import Section
     from evomerge.worker import Worker
 
     real = Worker.evaluate
@@ -90,10 +91,11 @@ def test_failed_candidate_is_recorded_not_fatal(study_root, tmp_path, capsys, mo
     def flaky(self, recipe, split="search"):
         calls["n"] += 1
         if calls["n"] == 2:  # our own code path raising, as a broken candidate would
-            recipe = {
-                **recipe,
-                "sections": [{"method": "linear", "models": {"s1": {"weight": float("nan")}}}],
-            }
+            recipe = recipe.model_copy(
+                update={
+                    "sections": [Section(method="linear", models={"s1": {"weight": float("nan")}})]
+                }
+            )
         return real(self, recipe, split)
 
     monkeypatch.setattr(Worker, "evaluate", flaky)
@@ -263,3 +265,24 @@ def test_resume_of_a_folder_without_study(tmp_path, capsys):
     assert code == 2 and "holds no study" in err
     code, _, err = cli(["status", str(tmp_path / "missing")], capsys)
     assert code == 2 and "does not exist" in err
+
+
+def test_resume_rewrites_a_missing_or_stale_best(study_root, tmp_path, capsys):
+    import shutil
+
+    code, _, err = cli(
+        ["run", str(study_root / "study.yaml"), "--runs-dir", str(tmp_path), "--quiet",
+         "--max-trials", "4"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    run_dir = tmp_path / "tiny"
+    store = RunStore(run_dir)
+    best = max(store.read_trials(), key=lambda r: (r.fitness[0], -r.trial))
+    shutil.rmtree(run_dir / "best")
+    assert not store.best_is(best)
+    code, _, err = cli(["resume", str(run_dir), "--quiet", "--max-trials", "5"], capsys)
+    assert code == 0, err
+    now = max(store.read_trials(), key=lambda r: (r.fitness[0], -r.trial))
+    assert store.best_is(now)
+    assert load_recipe_file(run_dir / "best" / "recipe.yaml").content_hash() == now.recipe_hash

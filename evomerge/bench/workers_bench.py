@@ -14,7 +14,11 @@ import random
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from evomerge.recipe import Recipe
+    from evomerge.study_plan import StudyPlan
 
 WORKER_COUNTS = (1, 2)
 
@@ -26,27 +30,23 @@ def ensure_zoo(zoo_dir: Path) -> Path:
     return build_zoo(zoo_dir, progress=False).study
 
 
-def bench_recipes(
-    prepared: Any, n: int, seed: int = 0, sigma: float = 0.15
-) -> list[dict[str, Any]]:
+def bench_recipes(plan: StudyPlan, n: int, seed: int = 0, sigma: float = 0.15) -> list[Recipe]:
     """`n` candidates like a search's first generation: the start genome plus seeded Gaussian steps
     of `sigma` x each gene's range, clipped (random genomes give degenerate models that answer
     in one token and would flatter the scoring time)."""
     rng = random.Random(seed)
     recipes = []
     for _ in range(n):
-        genome = dict(prepared.x0)
-        for d in prepared.space.dimensions():
+        genome = dict(plan.x0)
+        for d in plan.space.dimensions():
             if not d.choices:
                 step = rng.gauss(0.0, sigma * (d.high - d.low))
                 genome[d.name] = min(max(float(genome[d.name]) + step, d.low), d.high)
-        recipes.append(prepared.space.decode(genome).to_dict())
+        recipes.append(plan.space.decode(genome))
     return recipes
 
 
-def drive(
-    executor: Any, recipes: list[dict[str, Any]], warmup: bool = True
-) -> tuple[float, list[Any]]:
+def drive(executor: Any, recipes: list[Recipe], warmup: bool = True) -> tuple[float, list[Any]]:
     """Evaluate all recipes keeping `executor.workers` in flight; returns (seconds, outcomes).
 
     With `warmup`, one untimed round first gives every worker a candidate (first-call costs).
@@ -82,17 +82,17 @@ def _placement(device: str, workers: int) -> dict[str, Any]:
 def run_workers_bench(zoo_dir: Path, *, device: str, candidates: int) -> dict[str, float]:
     from evomerge.config import load_study_config
     from evomerge.executors import make_executor
-    from evomerge.study import prepare
+    from evomerge.study_plan import build_plan
 
     study = ensure_zoo(Path(zoo_dir))
     t0 = time.perf_counter()
-    prepared = prepare(load_study_config(str(study), {"device": device}))
-    recipes = bench_recipes(prepared, candidates)
+    plan = build_plan(load_study_config(str(study), {"device": device}))
+    recipes = bench_recipes(plan, candidates)
     report: dict[str, float] = {"candidates": float(candidates)}
     report["prepare_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    with make_executor("local", prepared.worker_spec) as local:
+    with make_executor("local", plan.worker_spec) as local:
         report["local_start_s"] = time.perf_counter() - t0
         seconds, outcomes = drive(local, recipes)
     report["local_candidates_per_min"] = 60 * candidates / seconds
@@ -100,9 +100,7 @@ def run_workers_bench(zoo_dir: Path, *, device: str, candidates: int) -> dict[st
 
     for workers in WORKER_COUNTS:
         t0 = time.perf_counter()
-        ex = make_executor(
-            "ray", prepared.worker_spec, workers=workers, **_placement(device, workers)
-        )
+        ex = make_executor("ray", plan.worker_spec, workers=workers, **_placement(device, workers))
         try:
             report[f"ray{workers}_start_s"] = time.perf_counter() - t0
             seconds, outcomes = drive(ex, recipes)

@@ -17,7 +17,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-trials", type=int, help="override the demo budget")
     p.add_argument(
         "--executor",
-        choices=["local", "ray"],
         help="where candidates run (default: ray with 2 workers on a machine with 2+ CPUs)",
     )
     p.add_argument("--workers", type=int, help="override the number of workers")
@@ -44,9 +43,11 @@ def run(args: argparse.Namespace) -> int:
     from evomerge.commands.resume import with_budget
     from evomerge.commands.run import drive, overrides
     from evomerge.config import load_study_config
-    from evomerge.export import export_run, format_heldout_table
+    from evomerge.export import export_run
+    from evomerge.report_table import format_heldout_table
     from evomerge.runstore import RunStore
-    from evomerge.study import load_run_config, prepare
+    from evomerge.study import load_run_config
+    from evomerge.study_plan import build_plan
     from evomerge.zoo import build_zoo
 
     t0 = time.perf_counter()
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         config = with_budget(store, load_run_config(store), wanted)
         if done < config.budget.max_trials:
             print(f"[2/3] resuming {run_dir} ({done}/{config.budget.max_trials} trials done)")
-            code = drive(store, prepare(config), resume=True, quiet=args.quiet)
+            code = drive(store, build_plan(config), resume=True, quiet=args.quiet)
             if code:
                 return code
         else:
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             f"[2/3] evolving a merge: {config.optimizer.name}, {config.budget.max_trials} trials, executor {config.executor.kind}"
         )
         store = RunStore.create(run_dir, config.to_yaml())
-        code = drive(store, prepare(config), resume=False, quiet=args.quiet)
+        code = drive(store, build_plan(config), resume=False, quiet=args.quiet)
         if code:
             return code
     t_search = time.perf_counter() - t0 - t_zoo

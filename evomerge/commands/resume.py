@@ -17,8 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def with_budget(store, config, max_trials: int | None):
     """`config` with its budget raised to `max_trials` (saved into the run's study.yaml)."""
+    from evomerge.atomic import atomic_write
     from evomerge.errors import RunDirError
-    from evomerge.runstore import STUDY, atomic_write
+    from evomerge.runstore import STUDY
 
     if max_trials is None:
         return config
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from evomerge.commands.run import drive
     from evomerge.errors import RunDirError
     from evomerge.runstore import RunStore
-    from evomerge.study import load_run_config, prepare
+    from evomerge.study import load_run_config
+    from evomerge.study_plan import build_plan
 
     store = RunStore.open(args.run_dir)
     state = store.state()
@@ -49,4 +51,4 @@ def run(args: argparse.Namespace) -> int:
             f"{store.dir}: all {done} trials of the budget are done; raise it with --max-trials N"
         )
         return 0
-    return drive(store, prepare(config), resume=True, quiet=args.quiet)
+    return drive(store, build_plan(config), resume=True, quiet=args.quiet)

@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evomerge.errors import EXIT_NO_SUCCESS
+
+if TYPE_CHECKING:
+    from evomerge.runstore import RunStore
+    from evomerge.study_plan import StudyPlan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, help="override budget.max_seconds")
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--optimizer", help="override optimizer.name")
-    p.add_argument("--executor", choices=["local", "ray"], help="override executor.kind")
+    p.add_argument("--executor", help="override executor.kind (local, ray, or a plugin's)")
     p.add_argument("--workers", type=int, help="override executor.workers")
     p.add_argument(
         "--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local Ray)"
@@ -51,30 +58,30 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     from evomerge.config import load_study_config
     from evomerge.runstore import RunStore
-    from evomerge.study import prepare
+    from evomerge.study_plan import build_plan
 
     config = load_study_config(args.study, overrides(args))
-    prepared = prepare(config)
+    plan = build_plan(config)
     if args.dry_run:
-        dims = prepared.space.dimensions()
+        dims = plan.space.dimensions()
         cats = sum(1 for d in dims if d.choices)
         print(
-            f"study {config.name}: {len(dims)} genes ({cats} method choices) over {prepared.space.num_layers} layers, "
-            f"{len(prepared.space.groups)} groups; optimizer {config.optimizer.name}, budget {config.budget.max_trials} trials"
+            f"study {config.name}: {len(dims)} genes ({cats} method choices) over {plan.space.num_layers} layers, "
+            f"{len(plan.space.groups)} groups; optimizer {config.optimizer.name}, budget {config.budget.max_trials} trials"
         )
         print("initial recipe:")
-        print(prepared.space.decode(prepared.x0).to_yaml())
+        print(plan.space.decode(plan.x0).to_yaml())
         return 0
     run_dir = Path(args.runs_dir) / config.name
     store = RunStore.create(run_dir, config.to_yaml())
-    return drive(store, prepared, resume=False, quiet=args.quiet)
+    return drive(store, plan, resume=False, quiet=args.quiet)
 
 
-def drive(store, prepared, *, resume: bool, quiet: bool) -> int:
+def drive(store: RunStore, plan: StudyPlan, *, resume: bool, quiet: bool) -> int:
     """Run to the budget; on Ctrl-C say how to resume (nothing finished is lost)."""
     from evomerge.study import Study
 
-    study = Study(store, prepared, progress=not quiet)
+    study = Study(store, plan, progress=not quiet)
     try:
         best = study.run(resume=resume)
     except KeyboardInterrupt:
@@ -86,8 +93,12 @@ def drive(store, prepared, *, resume: bool, quiet: bool) -> int:
     n = len(study.records)
     failed = sum(1 for r in study.records if r.status == "failed")
     if best is None:
-        print(f"finished {n} trials in {store.dir}; no candidate succeeded ({failed} failed)")
-        return 1
+        print(
+            f"finished {n} trials in {store.dir}; no candidate succeeded ({failed} failed): "
+            f"see the errors with evomerge status {store.dir}",
+            file=sys.stderr,
+        )
+        return EXIT_NO_SUCCESS
     print(f"finished {n} trials ({failed} failed) in {store.dir}")
     print(
         f"best: trial {best.trial}, fitness {best.fitness[0]:.4f}; recipe in {store.dir / 'best' / 'recipe.yaml'}"

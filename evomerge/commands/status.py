@@ -12,8 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def summarize(run_dir: str) -> dict:
-    from evomerge.recipe import read_yaml
     from evomerge.runstore import RunStore, best_trial
+    from evomerge.yaml_io import read_yaml
 
     store = RunStore.open(run_dir)
     study = read_yaml(store.dir / "study.yaml")

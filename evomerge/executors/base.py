@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
+from evomerge.options import PluginOptions
+from evomerge.recipe import Recipe
 from evomerge.registry import Registry
 from evomerge.worker import Outcome, WorkerSpec
 
 
 @dataclass(frozen=True)
 class Job:
+    """One candidate to evaluate; the Recipe itself travels (pydantic models pickle)."""
+
     key: int  # the optimizer's proposal id (or any caller key)
-    recipe: dict[str, Any]
+    recipe: Recipe
     split: str = "search"
 
 
@@ -26,11 +30,20 @@ class JobResult:
 class Executor(ABC):
     """Runs candidate evaluations on one or more workers."""
 
-    name: str = ""
+    name: ClassVar[str] = ""
+    #: what `executor: {kind: <name>, ...}` may set beside kind and workers, checked at load
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
 
-    def __init__(self, spec: WorkerSpec, *, workers: int = 1, **options: Any) -> None:
+    def __init__(
+        self, spec: WorkerSpec, *, workers: int = 1, options: PluginOptions | None = None
+    ) -> None:
         self.spec = spec
         self.workers = workers
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def parse_options(cls, options: dict[str, object] | None) -> PluginOptions:
+        return cls.Options.parse(options, f"executor {cls.name!r}")
 
     @abstractmethod
     def submit(self, job: Job) -> None:
@@ -54,4 +67,8 @@ class Executor(ABC):
         self.close()
 
 
-EXECUTORS: Registry[type[Executor]] = Registry("executor")
+#: Built-in entries are lazy (evomerge/executors/__init__.py: Ray is imported only by its
+#: executor); plugins register here or through the `evomerge.executors` entry-point group.
+EXECUTORS: Registry[type[Executor]] = Registry(
+    "executor", Executor, classes=True, entry_points="evomerge.executors"
+)

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 from collections import deque
 
-from evomerge.executors.base import EXECUTORS, Executor, Job, JobResult
+from pydantic import Field
+
+from evomerge.executors.base import Executor, Job, JobResult
+from evomerge.options import PluginOptions
 from evomerge.worker import Worker, WorkerSpec
+
+
+class LocalOptions(PluginOptions):
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of a CPU worker (default 1: tiny models run faster single-threaded)",
+    )
 
 
 class LocalExecutor(Executor):
     name = "local"
+    Options = LocalOptions
 
-    def __init__(self, spec: WorkerSpec, *, workers: int = 1, threads: int | None = None) -> None:
-        super().__init__(spec, workers=1)
+    def __init__(
+        self, spec: WorkerSpec, *, workers: int = 1, options: PluginOptions | None = None
+    ) -> None:
+        super().__init__(spec, workers=1, options=options)
+        threads = self.options.threads  # type: ignore[attr-defined]
         if threads is not None or Worker.uses_cpu(spec):
             import torch
 
@@ -31,6 +46,3 @@ class LocalExecutor(Executor):
 
     def in_flight(self) -> int:
         return len(self._queue)
-
-
-EXECUTORS.register("local", LocalExecutor)

@@ -48,11 +48,15 @@ import contextlib
 import math
 import os
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
+from pydantic import Field
+
 from evomerge.errors import ConfigError, UserError
-from evomerge.executors.base import EXECUTORS, Executor, Job, JobResult
+from evomerge.executors.base import Executor, Job, JobResult
+from evomerge.options import PluginOptions
+from evomerge.recipe import Recipe
 from evomerge.worker import Outcome, WorkerSpec
 
 # Environment the driver passes to its actors (a joined cluster does not inherit it).
@@ -97,7 +101,7 @@ class WorkerActor:
         node = ray.get_runtime_context().get_node_id()
         return {"name": self.worker.name, "node": node, "load_seconds": self.worker.load_seconds}
 
-    def evaluate(self, recipe: dict[str, Any], split: str) -> Outcome:
+    def evaluate(self, recipe: Recipe, split: str) -> Outcome:
         assert self.worker is not None  # ready() succeeded before any job is sent
         return self.worker.evaluate(recipe, split)
 
@@ -114,34 +118,43 @@ class WorkerSlot:
     node: str = ""  # Ray node id, once started
 
 
+class RayOptions(PluginOptions):
+    ray_address: str | None = Field(
+        None, description="join this Ray cluster (default: $RAY_ADDRESS, else a local Ray)"
+    )
+    gpus_per_worker: float | None = Field(
+        None, ge=0, description="default: 1 when the cluster has GPUs, else 0"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch threads of a worker (default: its CPUs, at least 1)"
+    )
+    cpus_per_worker: float | None = Field(
+        None, ge=0, description="Ray CPUs reserved per worker (default: threads, else 1)"
+    )
+    max_replacements: int | None = Field(
+        None, ge=0, description="lost actors replaced before the study stops (default 3 x workers)"
+    )
+    start_timeout: float = Field(900.0, gt=0, description="seconds an actor may take to start")
+
+
 class RayExecutor(Executor):
     name = "ray"
+    Options = RayOptions
 
     def __init__(
-        self,
-        spec: WorkerSpec,
-        *,
-        workers: int = 1,
-        ray_address: str | None = None,
-        gpus_per_worker: float | None = None,
-        cpus_per_worker: float | None = None,
-        max_replacements: int | None = None,
-        start_timeout: float = 900.0,
-        **options: Any,
+        self, spec: WorkerSpec, *, workers: int = 1, options: PluginOptions | None = None
     ) -> None:
         import ray
 
-        if options:
-            raise ConfigError(
-                f"executor: unknown option(s) {sorted(options)} for the ray executor "
-                "(known: workers, ray_address, gpus_per_worker, cpus_per_worker)"
-            )
         if workers < 1:
             raise ConfigError(f"executor.workers: {workers} (needs at least 1)")
-        super().__init__(spec, workers=workers)
-        self.address = ray_address or os.environ.get("RAY_ADDRESS") or None
-        self.max_replacements = 3 * workers if max_replacements is None else max_replacements
-        self.start_timeout = start_timeout
+        super().__init__(spec, workers=workers, options=options)
+        opts: RayOptions = self.options  # type: ignore[assignment]
+        self.address = opts.ray_address or os.environ.get("RAY_ADDRESS") or None
+        self.max_replacements = (
+            3 * workers if opts.max_replacements is None else opts.max_replacements
+        )
+        self.start_timeout = opts.start_timeout
         self.replaced = 0  # actors lost and replaced
         self.requeued = 0  # jobs sent again after their actor died
         self._queue: deque[Job] = deque()
@@ -157,7 +170,9 @@ class RayExecutor(Executor):
             self._owns = "local"
         # One CPU slot (and one torch thread) per worker by default: on a busy or small machine
         # more threads per worker made tiny-model candidates 10x slower here, not faster.
-        self.cpus = float(1 if cpus_per_worker is None else cpus_per_worker)
+        cpus = opts.cpus_per_worker if opts.cpus_per_worker is not None else opts.threads
+        self.cpus = float(1 if cpus is None else cpus)
+        self.threads = opts.threads or max(1, int(self.cpus))
         if self._owns == "local":
             ray.init(
                 num_cpus=max(1, math.ceil(workers * self.cpus)),
@@ -166,9 +181,9 @@ class RayExecutor(Executor):
                 object_store_memory=256 * 2**20,
             )
         try:
-            self.gpus = self._gpus(gpus_per_worker)
+            self.gpus = self._gpus(opts.gpus_per_worker)
             self._check_capacity()
-            self.actor_spec = replace(spec, device=self._actor_device())
+            self.actor_spec = spec.model_copy(update={"device": self._actor_device()})
             self._remote = ray.remote(WorkerActor)
             self._env = {k: os.environ[k] for k in ACTOR_ENV if k in os.environ}
             self._slots = [self._start_actor(WorkerSlot()) for _ in range(workers)]
@@ -224,7 +239,7 @@ class RayExecutor(Executor):
             max_restarts=0,
             max_task_retries=0,
             scheduling_strategy="SPREAD",
-        ).remote(self.actor_spec, self._env, max(1, int(self.cpus)))
+        ).remote(self.actor_spec, self._env, self.threads)
         slot.starting, slot.job, slot.ref = slot.actor.ready.remote(), None, None
         slot.name = slot.node = ""
         self._by_ref[slot.starting] = slot
@@ -368,6 +383,3 @@ def _lost_errors() -> tuple[type[BaseException], ...]:
 
 
 LOST = _lost_errors()
-
-
-EXECUTORS.register("ray", RayExecutor)

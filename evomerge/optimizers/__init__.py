@@ -8,7 +8,9 @@
 | `optuna_nsga2`  | Optuna NSGAIISampler                   | native                  | 1 or more  |
 | `optuna_random` | Optuna RandomSampler (baseline)        | native                  | 1 or more  |
 
-cma and Optuna are imported only when an optimizer is built.
+Entries are lazy: a module is imported when its optimizer is first asked for, and cma and Optuna
+only when an optimizer is built. A new optimizer is one module with an `Optimizer` subclass and
+one line here (or, from another package, an `evomerge.optimizers` entry point).
 """
 
 from __future__ import annotations
@@ -16,8 +18,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from evomerge.optimizers import cma_es, optuna_samplers
 from evomerge.optimizers.base import OPTIMIZERS, Dimension, Optimizer, Proposal, register_optimizer
+
+for _name, _ref in {
+    "cma": "evomerge.optimizers.cma_es:CMAOptimizer",
+    "optuna_tpe": "evomerge.optimizers.optuna_samplers:TPEOptimizer",
+    "optuna_cmaes": "evomerge.optimizers.optuna_samplers:OptunaCmaEsOptimizer",
+    "optuna_nsga2": "evomerge.optimizers.optuna_samplers:NSGA2Optimizer",
+    "optuna_random": "evomerge.optimizers.optuna_samplers:RandomOptimizer",
+}.items():
+    OPTIMIZERS.register(_name, _ref)
 
 
 def create_optimizer(name: str, dims: Sequence[Dimension], **kw: Any) -> Optimizer:
@@ -35,9 +45,7 @@ __all__ = [
     "Dimension",
     "Optimizer",
     "Proposal",
-    "cma_es",
     "create_optimizer",
     "load_optimizer",
-    "optuna_samplers",
     "register_optimizer",
 ]

@@ -15,19 +15,17 @@ search continuous spaces (CMA-ES) give each choice a score in [0, 1] and decode 
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
-import os
-import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from evomerge.errors import ConfigError, MissingPathError, RunDirError
-from evomerge.registry import Registry
+from evomerge.options import PluginOptions
+from evomerge.registry import Registry, did_you_mean
 
 Params = dict[str, "float | str"]
 
@@ -93,6 +91,28 @@ class Optimizer(ABC):
     name: ClassVar[str]
     #: files in state_dir that hold this optimizer's state (the first one marks that a state exists)
     state_files: ClassVar[tuple[str, ...]]
+    #: the options a study may set (`optimizer: {name: ..., <option>: ...}`), checked at load
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any] | None) -> PluginOptions:
+        """Validated options; ConfigError naming the optimizer and the option otherwise."""
+        return cls.Options.parse(options, f"optimizer {cls.name!r}")
+
+    @classmethod
+    def has_state(cls, state_dir: Path) -> bool:
+        """Whether `state_dir` holds a state of this optimizer (a run to resume)."""
+        return (Path(state_dir) / cls.state_files[0]).exists()
+
+    @classmethod
+    def check_objectives(cls, n_objectives: int) -> None:
+        """Raise ConfigError when this optimizer cannot handle `n_objectives` (default: 1 only)."""
+        if n_objectives > 1:
+            raise ConfigError(
+                f"optimizer {cls.name!r} optimizes one objective, but the study has "
+                f"{n_objectives}; use optimizer.name: optuna_nsga2 (or optuna_tpe) for "
+                "several objectives, or combine them into one with weights"
+            )
 
     def __init__(
         self,
@@ -105,7 +125,7 @@ class Optimizer(ABC):
         x0: Mapping[str, float | str] | None = None,
     ) -> None:
         self._setup(dims, n_objectives, seed, options, state_dir)
-        if (self.state_dir / self.state_files[0]).exists():
+        if self.has_state(self.state_dir):
             raise RunDirError(
                 f"{self.state_dir / self.state_files[0]} already exists: resume that run "
                 "(load the optimizer) or start in a new run directory"
@@ -127,7 +147,7 @@ class Optimizer(ABC):
         self = cls.__new__(cls)
         self._setup(dims, n_objectives, seed, options, state_dir)
         path = self.state_dir / self.state_files[0]
-        if not path.exists():
+        if not cls.has_state(self.state_dir):
             raise MissingPathError(f"no {cls.name} optimizer state at {path}: nothing to resume")
         self._restore()
         return self
@@ -144,18 +164,11 @@ class Optimizer(ABC):
             raise ConfigError(f"n_objectives must be >= 1, got {n_objectives}")
         self.n_objectives = int(n_objectives)
         self.seed = int(seed)
+        #: what the study set, as given (the resume signature compares it)
         self.options: dict[str, Any] = dict(options or {})
+        self.settings = self.parse_options(self.options)
         self.state_dir = Path(state_dir)
-        self._check_objectives()
-
-    def _check_objectives(self) -> None:
-        """Raise ConfigError when this optimizer cannot handle `n_objectives` (default: 1 only)."""
-        if self.n_objectives > 1:
-            raise ConfigError(
-                f"optimizer {self.name!r} optimizes one objective, but the study has "
-                f"{self.n_objectives}; use optimizer.name: optuna_nsga2 (or optuna_tpe) for "
-                "several objectives, or combine them into one with weights"
-            )
+        self.check_objectives(self.n_objectives)
 
     def signature(self) -> dict[str, Any]:
         """What must not change between a run and its resume."""
@@ -233,7 +246,7 @@ def check_x0(dims: Sequence[Dimension], x0: Mapping[str, float | str] | None) ->
     unknown = [k for k in x0 if k not in by_name]
     if unknown:
         raise ConfigError(
-            f"warm start (x0) names unknown dimensions {unknown}{_hint(unknown[0], by_name)}"
+            f"warm start (x0) names unknown dimensions {unknown}{did_you_mean(unknown[0], by_name)}"
         )
     out: Params = {}
     for key, value in x0.items():
@@ -257,28 +270,6 @@ def check_x0(dims: Sequence[Dimension], x0: Mapping[str, float | str] | None) ->
     return out
 
 
-def check_options(
-    optimizer: str, options: Mapping[str, Any], allowed: Iterable[str], reserved: Mapping[str, str]
-) -> None:
-    """Unknown option names get "did you mean"; options evomerge sets itself say why."""
-    allowed = set(allowed)
-    for key in options:
-        if key in reserved:
-            raise ConfigError(
-                f"optimizer {optimizer!r}: option {key!r} is not settable: {reserved[key]}"
-            )
-        if key not in allowed:
-            raise ConfigError(
-                f"optimizer {optimizer!r}: unknown option {key!r}{_hint(key, allowed)} "
-                f"(available: {', '.join(sorted(allowed))})"
-            )
-
-
-def _hint(name: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(name), list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def choice_scores(
     choices: Sequence[str], chosen: str | None, high: float, low: float
 ) -> list[float]:
@@ -294,31 +285,21 @@ def argmax_choice(choices: Sequence[str], scores: Sequence[float]) -> str:
     return choices[best]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace: never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-OPTIMIZERS: Registry[type[Optimizer]] = Registry("optimizer")
+#: Built-in entries are lazy (evomerge/optimizers/__init__.py); plugins register here or through
+#: the `evomerge.optimizers` entry-point group.
+OPTIMIZERS: Registry[type[Optimizer]] = Registry(
+    "optimizer", Optimizer, classes=True, entry_points="evomerge.optimizers"
+)
 
 
 def register_optimizer(name: str) -> Callable[[type[Optimizer]], type[Optimizer]]:
-    """Class decorator: register an Optimizer subclass under `name` (sets `cls.name`)."""
+    """Class decorator for plugins: register an Optimizer subclass under `name` (sets its name)."""
 
     def wrap(cls: type[Optimizer]) -> type[Optimizer]:
         if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
             raise TypeError(f"optimizer {name!r} must be an Optimizer subclass, got {cls!r}")
         cls.name = name
-        return OPTIMIZERS.register(name, cls)
+        OPTIMIZERS.register(name, cls)
+        return cls
 
     return wrap

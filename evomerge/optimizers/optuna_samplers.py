@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.optimizers.base import (
@@ -46,10 +47,9 @@ from evomerge.optimizers.base import (
     Params,
     Proposal,
     argmax_choice,
-    check_options,
     choice_scores,
-    register_optimizer,
 )
+from evomerge.options import PluginOptions
 
 STUDY_NAME = "evomerge"
 _SIGNATURE_ATTR = "evomerge"
@@ -67,18 +67,69 @@ def score_name(dim_name: str, choice: str) -> str:
     return f"{dim_name}[{choice}]"
 
 
-class OptunaOptimizer(Optimizer):
-    """Shared ask/tell over an Optuna study; subclasses name the sampler class."""
+class SamplerOptions(PluginOptions):
+    """The keyword arguments of an Optuna sampler's constructor (`seed` comes from the study).
 
-    state_files = ("optuna.db",)
+    Values are checked by building the sampler once (a plain object, no storage), so a bad value
+    fails when the study config loads."""
+
     sampler_class: ClassVar[str]  # attribute of optuna.samplers
-    encode_choices: ClassVar[bool] = False  # True where the sampler cannot sample categoricals
-    multi_objective: ClassVar[bool] = True
     reserved: ClassVar[dict[str, str]] = {"seed": "set the study's seed instead"}
 
-    def _check_objectives(self) -> None:
-        if not self.multi_objective:
-            super()._check_objectives()
+    @classmethod
+    def sampler(cls) -> Any:
+        return getattr(_optuna().samplers, cls.sampler_class)
+
+    @classmethod
+    def extra_names(cls) -> list[str]:
+        params = inspect.signature(cls.sampler().__init__).parameters.values()
+        return [
+            p.name
+            for p in params
+            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+
+    @model_validator(mode="after")
+    def _values(self) -> SamplerOptions:
+        try:
+            self.sampler()(**self.given(), seed=0)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"bad options {self.given()}: {exc}") from exc
+        return self
+
+
+class TPEOptions(SamplerOptions):
+    sampler_class = "TPESampler"
+
+
+class CmaEsOptions(SamplerOptions):
+    sampler_class = "CmaEsSampler"
+    reserved: ClassVar[dict[str, str]] = {
+        "seed": "set the study's seed instead",
+        "x0": "the study's warm_start is enqueued as the first trial instead",
+    }
+
+
+class NSGAIIOptions(SamplerOptions):
+    sampler_class = "NSGAIISampler"
+
+
+class RandomOptions(SamplerOptions):
+    sampler_class = "RandomSampler"
+
+
+class OptunaOptimizer(Optimizer):
+    """Shared ask/tell over an Optuna study; subclasses name the sampler (through Options)."""
+
+    state_files = ("optuna.db",)
+    Options: ClassVar[type[SamplerOptions]]
+    encode_choices: ClassVar[bool] = False  # True where the sampler cannot sample categoricals
+    multi_objective: ClassVar[bool] = True
+
+    @classmethod
+    def check_objectives(cls, n_objectives: int) -> None:
+        if not cls.multi_objective:
+            super().check_objectives(n_objectives)
 
     @property
     def db_path(self) -> Path:
@@ -86,15 +137,7 @@ class OptunaOptimizer(Optimizer):
 
     def _open(self) -> Any:
         optuna = _optuna()
-        cls = getattr(optuna.samplers, self.sampler_class)
-        allowed = [
-            p.name
-            for p in inspect.signature(cls.__init__).parameters.values()
-            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        check_options(self.name, self.options, allowed, self.reserved)
-        self._sampler_cls = cls
-        self._sampler_for(0)  # surfaces bad option values now, before the first candidate
+        self._sampler_cls = self.Options.sampler()
         self._dists = self._distributions()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._rdb = optuna.storages.RDBStorage(f"sqlite:///{self.db_path.resolve()}")
@@ -102,12 +145,7 @@ class OptunaOptimizer(Optimizer):
 
     def _sampler_for(self, n_asked: int) -> Any:
         seed = int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, n_asked]).generate_state(1)[0])
-        try:
-            return self._sampler_cls(**self.options, seed=seed)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"optimizer {self.name!r}: bad options {self.options}: {exc}"
-            ) from exc
+        return self._sampler_cls(**self.settings.given(), seed=seed)
 
     def _distributions(self) -> dict[str, Any]:
         from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -267,35 +305,31 @@ class OptunaOptimizer(Optimizer):
         self._rdb.engine.dispose()
 
 
-@register_optimizer("optuna_tpe")
 class TPEOptimizer(OptunaOptimizer):
     """optuna.samplers.TPESampler; native categoricals; several objectives supported."""
 
-    sampler_class = "TPESampler"
+    name = "optuna_tpe"
+    Options = TPEOptions
 
 
-@register_optimizer("optuna_cmaes")
 class OptunaCmaEsOptimizer(OptunaOptimizer):
     """optuna.samplers.CmaEsSampler; categoricals as per-choice scores (argmax); one objective."""
 
-    sampler_class = "CmaEsSampler"
+    name = "optuna_cmaes"
+    Options = CmaEsOptions
     encode_choices = True
     multi_objective = False
-    reserved: ClassVar[dict[str, str]] = {
-        "seed": "set the study's seed instead",
-        "x0": "the study's warm_start is enqueued as the first trial instead",
-    }
 
 
-@register_optimizer("optuna_nsga2")
 class NSGA2Optimizer(OptunaOptimizer):
     """optuna.samplers.NSGAIISampler; native categoricals; several objectives (Pareto front)."""
 
-    sampler_class = "NSGAIISampler"
+    name = "optuna_nsga2"
+    Options = NSGAIIOptions
 
 
-@register_optimizer("optuna_random")
 class RandomOptimizer(OptunaOptimizer):
     """optuna.samplers.RandomSampler: the baseline every search should beat."""
 
-    sampler_class = "RandomSampler"
+    name = "optuna_random"
+    Options = RandomOptions

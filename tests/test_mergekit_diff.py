@@ -101,6 +101,139 @@ def configs(m: dict[str, str]) -> dict[str, dict]:
             ],
             "dtype": "float32",
         },
+        **new_method_configs(m),
+    }
+
+
+def new_method_configs(m: dict[str, str]) -> dict[str, dict]:
+    """The methods added for mergekit parity (issue 16), with gradients and filters wherever
+    the method takes a per-tensor parameter. Task vectors are noise of std 0.05, so the epsilons
+    of ram near 0.06 leave a mix of entries changed by one model and by several."""
+    base, a, b, c = m["base"], m["a"], m["b"], m["c"]
+    f32 = {"dtype": "float32"}
+    return {
+        "nuslerp": {  # no base: the models themselves, one angle per row
+            "merge_method": "nuslerp",
+            "models": [
+                {"model": a, "parameters": {"weight": [1.0, 0.2]}},
+                {
+                    "model": b,
+                    "parameters": {"weight": [{"filter": "mlp", "value": 0.7}, {"value": 0.4}]},
+                },
+            ],
+            "parameters": {"nuslerp_flatten": False},
+            **f32,
+        },
+        "nuslerp_base": {  # the task vectors, flattened; the base listed among the models too
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": [
+                {"model": base},
+                {"model": a, "parameters": {"weight": 0.3}},
+                {"model": b, "parameters": {"weight": [0.1, 0.9]}},
+            ],
+            **f32,
+        },
+        "nuslerp_row_wise": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": [
+                {"model": a, "parameters": {"weight": 0.6}},
+                {"model": b, "parameters": {"weight": 0.5}},
+            ],
+            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+            **f32,
+        },
+        "multislerp": {  # any number of models, no base
+            "merge_method": "multislerp",
+            "models": [
+                {"model": a, "parameters": {"weight": [0.2, 1.0]}},
+                {"model": b, "parameters": {"weight": 0.5}},
+                {
+                    "model": c,
+                    "parameters": {
+                        "weight": [{"filter": "self_attn", "value": 0.1}, {"value": 0.8}]
+                    },
+                },
+            ],
+            **f32,
+        },
+        "multislerp_base": {
+            "merge_method": "multislerp",
+            "base_model": base,
+            "models": [
+                {"model": a, "parameters": {"weight": 0.7}},
+                {"model": b, "parameters": {"weight": [0.1, 0.6]}},
+                {"model": c, "parameters": {"weight": -0.2}},
+            ],
+            "parameters": {"normalize_weights": False},
+            **f32,
+        },
+        "karcher": {
+            "merge_method": "karcher",
+            "models": [{"model": a}, {"model": b}, {"model": c}],
+            "parameters": {"max_iter": [{"filter": "mlp", "value": 2}, {"value": 20}], "tol": 1e-7},
+            **f32,
+        },
+        "karcher_base": {  # mergekit averages base_model in too: listed here
+            "merge_method": "karcher",
+            "base_model": base,
+            "models": [{"model": base}, {"model": a}, {"model": b}],
+            **f32,
+        },
+        "karcher_base_unlisted": {  # ... and added as one more model when not listed
+            "merge_method": "karcher",
+            "base_model": base,
+            "models": [{"model": a}, {"model": c}],
+            **f32,
+        },
+        "sce": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": a}, {"model": b}, {"model": c}],
+            "parameters": {
+                "select_topk": [{"filter": "self_attn", "value": [0.2, 0.9]}, {"value": 0.5}],
+            },
+            **f32,
+        },
+        "sce_all": {  # select_topk 1: no selection; int8_mask accepted; the base listed
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": base}, {"model": a}, {"model": b}],
+            "parameters": {"int8_mask": True},
+            **f32,
+        },
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "models": [{"model": a}],
+            "parameters": {"t": [{"filter": "self_attn", "value": [0.001, 0.06]}, {"value": 0.02}]},
+            **f32,
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "models": [{"model": base}, {"model": b}],
+            **f32,
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": base,
+            "models": [{"model": a}, {"model": b}, {"model": c}],
+            "parameters": {"epsilon": [{"filter": "mlp", "value": [0.03, 0.09]}, {"value": 0.06}]},
+            **f32,
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "models": [{"model": a}, {"model": b}, {"model": c}],
+            "parameters": {
+                "epsilon": 0.06,
+                "r": [0.1, 0.9],
+                "alpha": [{"filter": "self_attn", "value": 0.3}, {"value": 1.0}],
+            },
+            **f32,
+        },
     }
 
 
@@ -135,10 +268,10 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize(
-    "method",
-    ["linear", "task_arithmetic", "ties", "slerp", "breadcrumbs", "model_stock", "passthrough"],
-)
+CONFIG_NAMES = list(configs(dict.fromkeys(["base", "a", "b", "c"], "")))
+
+
+@pytest.mark.parametrize("method", CONFIG_NAMES)
 def test_same_tensors_as_mergekit_yaml(both, method):
     root, _ = both
     out = root / f"ev-{method}"

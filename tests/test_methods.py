@@ -427,7 +427,7 @@ def valid_inputs(name: str, dtype, shape=(5, 8)) -> tuple[Any, list, list, dict]
         xs = [base, xs[1]]
     values = {"weight": 0.4, "density": 0.6, "epsilon": 0.1, "gamma": 0.05, "scale": 1.5}
     mp = [{p.name: values[p.name] for p in m.model_params if p.name in values} for _ in xs]
-    gp = {"t": 0.35} if name == "slerp" else {}
+    gp = {"slerp": {"t": 0.35}, "nearswap": {"t": 0.05}}.get(name, {})
     return (base if m.needs_base else None), xs, mp, gp
 
 
@@ -486,14 +486,15 @@ def test_conformance_params_declared(name):
     if "weight" in {p.name for p in m.params}:
         with pytest.raises(ConfigError, match="weight"):
             m.fill_model_params({}, "x")
-    if m.skips_base_model:
-        assert m.needs_base
+    if m.skips_base_model and not m.needs_base:  # the base, when set, is their origin
+        assert name in {"nuslerp", "multislerp"}
 
 
 def test_registered_names_and_flags():
     assert set(METHODS.names()) == {
         "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
         "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "passthrough",
+        "nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
     }  # fmt: skip
     assert all(METHODS.get(n).name == n for n in METHODS)  # each lazy entry names its own method
     assert {n for n in METHODS if METHODS.get(n).randomized} == {
@@ -505,7 +506,7 @@ def test_registered_names_and_flags():
     defaults = {
         n: METHODS.get(n).param("normalize").default
         for n in METHODS
-        if n not in ("slerp", "model_stock", "passthrough")
+        if "normalize" in {p.name for p in METHODS.get(n).params}
     }
     assert defaults["linear"] and defaults["ties"] and defaults["della"]
     assert not (defaults["task_arithmetic"] or defaults["dare_ties"] or defaults["della_linear"])
@@ -579,6 +580,44 @@ def test_matches_mergekit_kernels(name, per_model, gp, dtype):
     inputs = [base, *xs] if m.needs_base else xs
     want = api.merge_tensors(
         inputs, name, parameters={**gp, **per_model}, base_index=0 if m.needs_base else None
+    )
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, want.to(dtype), rtol=tol, atol=tol)
+
+
+# (name, models, base given, per-model lists, global parameters): the methods added for mergekit
+# parity; nuslerp and multislerp run with and without a base (it is optional for them).
+PARITY_CASES = [
+    ("nuslerp", 2, False, {"weight": [0.3, 0.9]}, {}),
+    ("nuslerp", 2, True, {"weight": [0.3, 0.9]}, {"nuslerp_flatten": False}),
+    ("nuslerp", 2, False, {"weight": [0.5, -0.2]}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    ("multislerp", 3, False, {"weight": [0.3, 0.9, 0.2]}, {}),
+    ("multislerp", 4, True, {"weight": [0.3, 0.9, -0.2, 0.5]}, {"normalize_weights": False}),
+    ("karcher", 3, False, {}, {}),
+    ("karcher", 4, False, {}, {"max_iter": 3, "tol": 1e-7}),
+    ("sce", 3, True, {}, {}),
+    ("sce", 3, True, {}, {"select_topk": 0.3}),
+    ("nearswap", 1, True, {}, {"t": 0.05}),
+    ("arcee_fusion", 1, True, {}, {}),
+    ("ram", 3, True, {}, {"epsilon": 0.08}),
+    ("ramplus_tl", 3, True, {}, {"epsilon": 0.08, "r": 0.5, "alpha": 0.4}),
+    ("ramplus_tl", 3, True, {}, {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "n", "with_base", "per_model", "gp"), PARITY_CASES)
+@pytest.mark.parametrize("shape", [(8, 16), (17,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parity_methods_match_mergekit_kernels(name, n, with_base, per_model, gp, shape, dtype):
+    api = pytest.importorskip("mergekit.merge_methods.api")
+    base, xs = make(n, shape=shape, dtype=dtype, seed=11)
+    mp = [{k: v[i] for k, v in per_model.items()} for i in range(n)]
+    got = run(name, base if with_base else None, xs, mp, gp)
+    want = api.merge_tensors(
+        [base, *xs] if with_base else xs,
+        name,
+        parameters={**gp, **per_model},
+        base_index=0 if with_base else None,
     )
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(got, want.to(dtype), rtol=tol, atol=tol)

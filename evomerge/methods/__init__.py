@@ -2,7 +2,7 @@
 
 The entries below are lazy: a family's module is imported when one of its methods is first asked
 for. The task-vector families (task arithmetic, TIES, DARE, breadcrumbs, DELLA) share
-task_vectors.py. A plugin adds a method with `register_method(MergeMethod(...))`, or from another
+task_vectors.py; nuslerp and multislerp take base_model as the origin when one is set. A plugin adds a method with `register_method(MergeMethod(...))`, or from another
 package through the `evomerge.methods` entry-point group.
 """
 
@@ -23,6 +23,14 @@ for _name, _ref in {
     "slerp": "evomerge.methods.slerp:SLERP",
     "model_stock": "evomerge.methods.model_stock:MODEL_STOCK",
     "passthrough": "evomerge.methods.passthrough:PASSTHROUGH",
+    "nuslerp": "evomerge.methods.nuslerp:NUSLERP",
+    "multislerp": "evomerge.methods.multislerp:MULTISLERP",
+    "karcher": "evomerge.methods.karcher:KARCHER",
+    "sce": "evomerge.methods.sce:SCE",
+    "nearswap": "evomerge.methods.nearswap:NEARSWAP",
+    "arcee_fusion": "evomerge.methods.arcee_fusion:ARCEE_FUSION",
+    "ram": "evomerge.methods.ram:RAM",
+    "ramplus_tl": "evomerge.methods.ram:RAMPLUS_TL",
 }.items():
     METHODS.register(_name, _ref)
 

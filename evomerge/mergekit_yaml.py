@@ -1,7 +1,6 @@
-"""mergekit's merge YAML <-> our Recipe.
+"""Our Recipe -> mergekit's merge YAML (reading is `mergekit_read`, re-exported here).
 
-Reading is lossless for what mergekit's `models:` and `slices:` forms express, so a mergekit
-user's config runs unchanged through `evomerge merge`. Writing (`to_mergekit`) needs every
+Writing (`to_mergekit`) needs every
 tensor's resolved values (the caller plans them with `plan`), because mergekit evaluates
 gradients of non-layer tensors at t = 0 while our sections can give them their own values; those
 tensors get exact-name filter entries.
@@ -9,27 +8,15 @@ tensors get exact-name filter entries.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from evomerge.checkpoint import layer_suffix
 from evomerge.errors import ConfigError
+from evomerge.mergekit_read import from_mergekit
 from evomerge.recipe import Recipe, evaluate_value
-from evomerge.yaml_io import validate_model
 
-_KNOWN_KEYS = {
-    "merge_method",
-    "base_model",
-    "models",
-    "parameters",
-    "dtype",
-    "out_dtype",
-    "tokenizer_source",
-    "slices",
-    "name",
-    "chat_template",
-}
+__all__ = ["from_mergekit", "to_mergekit"]
 
 
 class OutTensorLike(Protocol):
@@ -54,142 +41,6 @@ class TensorTaskLike(Protocol):
     def model_params(self) -> tuple[dict[str, Any], ...]: ...
     @property
     def global_params(self) -> dict[str, Any]: ...
-
-
-def _name_models(refs: list[str]) -> dict[str, str]:
-    """Short unique names from paths: '/x/math-7b' -> 'math-7b' (suffixes on clashes)."""
-    names: dict[str, str] = {}
-    for ref in refs:
-        if ref in names.values():
-            continue
-        stem = Path(ref.rstrip("/")).name or ref
-        name, k = stem, 2
-        while name in names:
-            name, k = f"{stem}-{k}", k + 1
-        names[name] = ref
-    return names
-
-
-def _ref(entry: Any, where: str) -> str:
-    if isinstance(entry, str):
-        return entry
-    if isinstance(entry, Mapping) and isinstance(entry.get("model"), str):
-        return entry["model"]
-    raise ConfigError(f"{where}: expected a model path, got {entry!r}")
-
-
-def _abs(ref: str, base_dir: Path | None) -> str:
-    if (
-        base_dir is not None
-        and not Path(ref).is_absolute()
-        and (base_dir / ref).exists()
-        and not Path(ref).exists()
-    ):
-        return str((base_dir / ref).resolve())
-    return ref
-
-
-def from_mergekit(
-    data: Mapping[str, Any], *, where: str = "mergekit config", base_dir: Path | None = None
-) -> Recipe:
-    unknown = sorted(set(data) - _KNOWN_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unsupported mergekit key {unknown[0]!r} (supported: {', '.join(sorted(_KNOWN_KEYS))})"
-        )
-    method = data.get("merge_method")
-    if not isinstance(method, str):
-        raise ConfigError(f"{where}: merge_method must be a method name")
-    models_in = data.get("models") or []
-    slices_in = data.get("slices") or []
-    if bool(models_in) == bool(slices_in):
-        raise ConfigError(f"{where}: give exactly one of `models` or `slices`")
-    base_ref = data.get("base_model")
-    refs: list[str] = []
-    if base_ref is not None:
-        refs.append(_ref(base_ref, f"{where}: base_model"))
-    for i, m in enumerate(models_in):
-        refs.append(_ref(m, f"{where}: models[{i}]"))
-    for i, sl in enumerate(slices_in):
-        for j, src in enumerate((sl or {}).get("sources") or []):
-            refs.append(_ref(src, f"{where}: slices[{i}].sources[{j}]"))
-    names = _name_models(refs)
-    by_ref = {ref: name for name, ref in names.items()}
-    base = by_ref[_ref(base_ref, "base_model")] if base_ref is not None else None
-    params = dict(data.get("parameters") or {})
-    sections: list[dict[str, Any]] = []
-    slices: list[dict[str, Any]] | None = None
-    if models_in:
-        section_models = {
-            by_ref[_ref(m, "models")]: dict(
-                (m.get("parameters") if isinstance(m, Mapping) else None) or {}
-            )
-            for m in models_in
-        }
-        sections.append({"method": method, "parameters": params, "models": section_models})
-    else:
-        slices = []
-        start = 0
-        per_slice = []
-        for i, sl in enumerate(slices_in):
-            srcs = sl.get("sources") or []
-            if not srcs:
-                raise ConfigError(f"{where}: slices[{i}] has no sources")
-            slices.append(
-                {
-                    "sources": [
-                        {"model": by_ref[_ref(s, "")], "layer_range": s.get("layer_range")}
-                        for s in srcs
-                    ]
-                }
-            )
-            length = (srcs[0].get("layer_range") or [0, 0])[1] - (
-                srcs[0].get("layer_range") or [0, 0]
-            )[0]
-            merged_params = {**params, **(sl.get("parameters") or {})}
-            models = {by_ref[_ref(s, "")]: dict(s.get("parameters") or {}) for s in srcs}
-            per_slice.append((merged_params, models))
-            if length > 0:
-                sections.append(
-                    {
-                        "layers": [start, start + length],
-                        "method": method,
-                        "parameters": merged_params,
-                        "models": models,
-                    }
-                )
-            start += max(length, 0)
-        # Non-layer tensors: embeddings from the first slice's sources, the rest from the last's.
-        sections.append(
-            {
-                "filter": "embed",
-                "method": method,
-                "parameters": per_slice[0][0],
-                "models": per_slice[0][1],
-            }
-        )
-        sections.append(
-            {"method": method, "parameters": per_slice[-1][0], "models": per_slice[-1][1]}
-        )
-    tok = data.get("tokenizer_source")
-    tokenizer_source = None
-    if tok == "base":
-        tokenizer_source = base
-    elif isinstance(tok, str):
-        if tok not in by_ref:
-            raise ConfigError(
-                f"{where}: tokenizer_source {tok!r} is not supported (use 'base' or one of the models)"
-            )
-        tokenizer_source = by_ref[tok]
-    recipe = {
-        "models": {n: _abs(r, base_dir) for n, r in names.items()},
-        "base_model": base,
-        "dtype": data.get("out_dtype") or data.get("dtype"),
-        "tokenizer_source": tokenizer_source,
-        "sections": sections,
-        "slices": slices,
-    }
-    return validate_model(Recipe, {k: v for k, v in recipe.items() if v is not None}, where)
 
 
 def to_mergekit(recipe: Recipe, tasks: Sequence[TensorTaskLike]) -> dict[str, Any]:
@@ -260,7 +111,9 @@ def to_mergekit(recipe: Recipe, tasks: Sequence[TensorTaskLike]) -> dict[str, An
     # weight), so name it only where our tasks use it. tokenizer_source is left out: mergekit then
     # copies config and tokenizer from base_model (or the first model) without re-mapping the
     # embeddings, which a tokenizer_source would trigger.
-    uses_base = METHODS.get(method).needs_base or recipe.base_model in participants
+    spec = METHODS.get(method)
+    # skips_base_model: the base is the origin of the others' task vectors (nuslerp, multislerp)
+    uses_base = spec.needs_base or spec.skips_base_model or recipe.base_model in participants
     if recipe.base_model and uses_base:
         out["base_model"] = recipe.models[recipe.base_model]
     out["dtype"] = "float32"

@@ -167,8 +167,9 @@ def resolve_task(recipe: Recipe, out: OutTensor, index: int | None = None) -> Te
             f"no section of the recipe covers tensor {out.name!r}; add a section without `layers`"
         )
     si = recipe.sections.index(section) if index is None else index
-    where = f"sections[{si}] ({section.method}, tensor {out.name})"
-    method = METHODS.get(section.method, where=f"sections[{si}]")
+    label = section.label or f"sections[{si}]"
+    where = f"{label} ({section.method}, tensor {out.name})"
+    method = METHODS.get(section.method, where=label)
     t = section_t(section, out)
     base = recipe.base_model
     models = [m for m in recipe.models if m in section.models and m in out.sources]

@@ -50,6 +50,9 @@ class Section(BaseModel):
     models: dict[str, dict[str, ParamValue]] = Field(
         description="models taking part, each with its per-model parameters"
     )
+    label: str | None = Field(
+        None, description="what errors call this section (a mergekit file's `slices[2]`)"
+    )
 
     @field_validator("layers")
     @classmethod

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
-from evomerge.mergekit_yaml import from_mergekit
 from evomerge.recipe import Recipe
 from evomerge.yaml_io import read_yaml, validate_model
 
@@ -25,10 +24,17 @@ def load_recipe_dict(data: Any, where: str) -> Recipe:
 
 
 def load_recipe_file(path: str | Path) -> Recipe:
-    """Our recipe YAML or a mergekit merge YAML (told apart by their keys)."""
+    """Our recipe YAML or a mergekit merge YAML (told apart by their keys). A mergekit file is
+    read as mergekit reads it (warnings for what mergekit ignores) and checked against the
+    model files for what a Recipe cannot say (tokenizer rework, input casts)."""
     data = read_yaml(path)
     if isinstance(data, dict) and "merge_method" in data:
-        return from_mergekit(data, where=str(path), base_dir=Path(path).parent)
+        from evomerge.mergekit_files import check_mergekit_files
+        from evomerge.mergekit_read import read_mergekit
+
+        mk = read_mergekit(data, where=str(path), base_dir=Path(path).parent)
+        check_mergekit_files(mk, str(path))
+        return mk.recipe
     recipe = load_recipe_dict(data, str(path))
     return _resolve_relative_paths(recipe, Path(path).parent)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -24,6 +24,7 @@ from evomerge.model_set import ModelSet
 from evomerge.optimizers.base import Dimension
 from evomerge.recipe import Recipe, Section
 from evomerge.registry import Registry
+from evomerge.space_mergekit import outside_sections, smooth_sections
 from evomerge.yaml_io import format_validation_error, read_yaml
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -83,6 +84,17 @@ class SpaceConfig(BaseModel):
     granularity: int = Field(1, ge=1, description="layers per layer group")
     tensor_groups: list[TensorGroup] = Field(default_factory=lambda: [TensorGroup(name="all")])
     global_group: bool = Field(True, description="own genes for embeddings, final norm, lm_head")
+    outside_blocks: Literal["first", "first_last"] = Field(
+        "first",
+        description="without a global group, tensors outside the blocks follow the first layer "
+        "group; first_last: embeddings the first, final norm and lm_head the last (mergekit's "
+        "slices rule, as mergekit-evolve decodes; evomerge.space_mergekit)",
+    )
+    smooth: bool = Field(
+        False,
+        description="each layer group's value is a control point of one gradient across all "
+        "layers (mergekit-evolve's smooth), not a constant per group",
+    )
     methods: dict[str, MethodSpace]
 
     @model_validator(mode="after")
@@ -96,6 +108,10 @@ class SpaceConfig(BaseModel):
         names = [g.name for g in self.tensor_groups]
         if len(set(names)) != len(names):
             raise ValueError(f"tensor group names repeat: {names}")
+        if (self.smooth or self.outside_blocks != "first") and (
+            self.global_group or len(self.methods) > 1
+        ):
+            raise ValueError("smooth and outside_blocks need global_group false and one method")
         return self
 
 
@@ -238,7 +254,12 @@ class SearchSpace:
                     models=models,
                 )
             )
-        if not self.config.global_group:
+        n_tg = len(self.config.tensor_groups)
+        if self.config.smooth:
+            sections = smooth_sections(sections, n_tg)
+        elif self.config.outside_blocks == "first_last":
+            sections += outside_sections(sections, n_tg)
+        elif not self.config.global_group:
             # Tensors outside the blocks follow the first layer group's recipe.
             first = sections[len(self.config.tensor_groups) - 1]
             sections.append(first.model_copy(update={"layers": None, "filter": None}))

@@ -1,4 +1,5 @@
-"""mergekit's YAML <-> Recipe, without mergekit (the differential tests run mergekit itself)."""
+"""Recipe -> mergekit's YAML, without mergekit (the differential tests run mergekit itself;
+reading is tests/test_mergekit_read.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.mergekit_yaml import from_mergekit, to_mergekit
+from evomerge.mergekit_yaml import to_mergekit
 from evomerge.plan import OutTensor, TensorTask, resolve_task
 from evomerge.recipe import Recipe, evaluate_value
 
@@ -31,77 +32,6 @@ def recipe(sections: list[dict[str, Any]], **extra: Any) -> Recipe:
     return Recipe.model_validate(
         {"models": {"a": "/m/a", "b": "/m/b"}, "sections": sections, **extra}
     )
-
-
-# ---------------------------------------------------------------- reading
-
-
-def test_models_form_becomes_one_section_with_short_unique_names():
-    r = from_mergekit(
-        {
-            "merge_method": "ties",
-            "base_model": "/x/base",
-            "models": [
-                {"model": "/x/math-7b", "parameters": {"weight": 0.5, "density": [0.1, 0.9]}},
-                {"model": "/y/math-7b", "parameters": {"weight": 0.3}},
-            ],
-            "parameters": {"normalize": True},
-            "dtype": "float32",
-            "out_dtype": "bfloat16",
-            "tokenizer_source": "base",
-        }
-    )
-    assert r.models == {"base": "/x/base", "math-7b": "/x/math-7b", "math-7b-2": "/y/math-7b"}
-    assert r.base_model == "base" and r.tokenizer_source == "base" and r.dtype == "bfloat16"
-    (section,) = r.sections
-    assert section.method == "ties" and section.layers is None and section.filter is None
-    assert section.parameters == {"normalize": True}
-    assert section.models["math-7b"] == {"weight": 0.5, "density": [0.1, 0.9]}
-
-
-def test_slices_form_becomes_layer_sections_and_the_non_layer_tensors():
-    r = from_mergekit(
-        {
-            "merge_method": "passthrough",
-            "slices": [
-                {"sources": [{"model": "/m/a", "layer_range": [0, 3]}]},
-                {"sources": [{"model": "/m/b", "layer_range": [1, 4]}]},
-            ],
-        }
-    )
-    assert [s.model_dump(include={"layers", "filter"}) for s in r.sections] == [
-        {"layers": (0, 3), "filter": None},
-        {"layers": (3, 6), "filter": None},
-        {"layers": None, "filter": "embed"},
-        {"layers": None, "filter": None},
-    ]
-    assert [list(s.models) for s in r.sections] == [["a"], ["b"], ["a"], ["b"]]
-    assert r.slices is not None and [sl.length for sl in r.slices] == [3, 3]
-
-
-@pytest.mark.parametrize(
-    ("data", "needle"),
-    [
-        (
-            {"merge_method": "linear", "models": ["/a"], "lora": 1},
-            "unsupported mergekit key 'lora'",
-        ),
-        ({"merge_method": 3, "models": ["/a"]}, "merge_method must be a method name"),
-        ({"merge_method": "linear"}, "give exactly one of `models` or `slices`"),
-        (
-            {"merge_method": "linear", "models": ["/a"], "slices": [{"sources": ["/a"]}]},
-            "give exactly one of `models` or `slices`",
-        ),
-        ({"merge_method": "linear", "models": [3]}, r"models\[0\]: expected a model path, got 3"),
-        (
-            {"merge_method": "linear", "models": ["/a"], "tokenizer_source": "union"},
-            "tokenizer_source 'union' is not supported",
-        ),
-    ],
-)
-def test_reading_errors_name_the_key(data, needle):
-    with pytest.raises(ConfigError, match=f"^cfg: .*{needle}"):
-        from_mergekit(data, where="cfg")
 
 
 # ---------------------------------------------------------------- writing
@@ -148,6 +78,13 @@ def test_base_model_is_named_only_where_it_is_used():
     lin = {"method": "linear", "models": {"b": {"weight": 1.0}}}
     r = recipe([lin], base_model="a")
     assert "base_model" not in to_mergekit(r, tasks(r))
+    # nuslerp takes the base optionally, as the origin of the task vectors: it must be named
+    nu = {"method": "nuslerp", "models": {"b": {"weight": 1.0}}}
+    r = Recipe.model_validate(
+        {"models": {"a": "/m/a", "b": "/m/b", "c": "/m/c"}, "base_model": "a",
+         "sections": [{**nu, "models": {"b": {"weight": 1.0}, "c": {"weight": 1.0}}}]}
+    )  # fmt: skip
+    assert to_mergekit(r, tasks(r))["base_model"] == "/m/a"
 
 
 @pytest.mark.parametrize(

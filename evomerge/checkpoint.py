@@ -1,7 +1,10 @@
 """Hugging Face checkpoint folders, read lazily tensor by tensor and written atomically.
 
 Reading never loads a whole model: `CheckpointReader.get` opens the shard that holds one tensor.
-Writing lives in `merge.py` and `safetensors_stream.py`.
+Opening reads only headers and config.json, and refuses, with one user error naming the file, a
+truncated or garbage shard, an index naming a missing shard or tensor, and a config.json that
+disagrees with the weights (`checkpoint_check`). Writing lives in `merge.py` and
+`safetensors_stream.py`.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,9 @@ import torch
 from safetensors import safe_open
 
 from evomerge import dtypes
-from evomerge.errors import ConfigError, MissingPathError, UnsafeCheckpointError
+from evomerge.checkpoint_check import config_mismatch
+from evomerge.errors import CheckpointError, ConfigError, MissingPathError, UnsafeCheckpointError
+from evomerge.safetensors_stream import read_header
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -85,21 +90,39 @@ def resolve_model_path(ref: str, *, where: str = "model") -> Path:
             raise MissingPathError(f"{where}: {ref} is a file; expected a checkpoint folder")
         return path.resolve()
     if re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not ref.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            local = snapshot_download(
-                ref,
-                allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"],
-                local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") == "1",
-            )
-            return Path(local)
-        except Exception as exc:  # hub errors come in many types; the message is what helps
-            raise MissingPathError(
-                f"{where}: {ref!r} is not a local folder and could not be fetched from the hub "
-                f"({type(exc).__name__}); set HF_HUB_OFFLINE=0 to allow downloads"
-            ) from None
+        return _from_hub(ref, path, where)
     raise MissingPathError(f"{where}: model folder {ref} does not exist")
+
+
+def _from_hub(ref: str, path: Path, where: str) -> Path:
+    """A hub id from the local cache, or downloaded when HF_HUB_OFFLINE allows it; the error
+    says which of the two failed and what to do (allow downloads, or check the id)."""
+    from huggingface_hub import constants, snapshot_download
+
+    offline = bool(constants.HF_HUB_OFFLINE)  # as the hub library reads HF_HUB_OFFLINE
+    setting = os.environ.get("HF_HUB_OFFLINE", "1")
+    try:
+        local = snapshot_download(
+            ref,
+            allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"],
+            local_files_only=offline,
+        )
+        return Path(local)
+    except Exception as exc:  # hub errors come in many types; the message is what helps
+        if offline:
+            raise MissingPathError(
+                f"{where}: {ref!r} is no local folder ({path.resolve()} does not exist) and not "
+                f"in the hub cache; downloads are off (HF_HUB_OFFLINE={setting}, evomerge's "
+                "default is 1): set HF_HUB_OFFLINE=0 to download it"
+            ) from None
+        detail = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        detail = detail.removeprefix("Got: ")[:200]
+        raise MissingPathError(
+            f"{where}: {ref!r} is no local folder ({path.resolve()} does not exist) and could not "
+            f"be downloaded from the hub ({type(exc).__name__}: {detail}); check the network and "
+            "the id: it may be misspelled, or a gated or private repo (log in with "
+            "`hf auth login` or set HF_TOKEN)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -117,40 +140,94 @@ class CheckpointReader:
         self, ref: str | Path, *, allow_pickle: bool = False, where: str = "model"
     ) -> None:
         self.ref = str(ref)
+        self.where = where
         self.path = resolve_model_path(str(ref), where=where)
         self._pickled: dict[str, torch.Tensor] | None = None
         self._handles: dict[str, Any] = {}
         self.infos: dict[str, TensorInfo] = {}
+        self._config = self._read_config()
         index = self.path / SAFE_INDEX
         single = self.path / SAFE_SINGLE
+        weight_map: dict[str, str] = {}
         if index.exists():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map = self._read_index(index)
             files = sorted(set(weight_map.values()))
         elif single.exists():
             files = [SAFE_SINGLE]
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
         if files:
-            for fname in files:
-                fpath = self.path / fname
-                if not fpath.exists():
-                    raise MissingPathError(f"{where}: shard {fpath} named in the index is missing")
-                with safe_open(str(fpath), framework="pt") as f:
-                    for name in f.keys():  # noqa: SIM118 (safe_open is no dict)
-                        sl = f.get_slice(name)
-                        self.infos[name] = TensorInfo(
-                            name, tuple(sl.get_shape()), sl.get_dtype(), fname
-                        )
-            return
-        pickled = [self.path / n for n in PICKLE_NAMES if (self.path / n).exists()]
-        if not pickled:
-            raise MissingPathError(f"{where}: {self.path} holds no *.safetensors weights")
-        if not allow_pickle:
-            raise UnsafeCheckpointError(
-                f"{where}: {self.path} holds only pickled weights ({pickled[0].name}); pickles can "
-                "run code when loaded. Convert it to safetensors, or pass --allow-pickle if you trust it"
+            self._read_headers(files, weight_map)
+        else:
+            pickled = [self.path / n for n in PICKLE_NAMES if (self.path / n).exists()]
+            if not pickled:
+                raise MissingPathError(f"{where}: {self.path} holds no *.safetensors weights")
+            if not allow_pickle:
+                raise UnsafeCheckpointError(
+                    f"{where}: {self.path} holds only pickled weights ({pickled[0].name}); pickles "
+                    "can run code when loaded. Convert it to safetensors, or pass --allow-pickle "
+                    "if you trust it"
+                )
+            self._load_pickled(pickled[0])
+        self._check_config()
+
+    def _read_headers(self, files: list[str], weight_map: Mapping[str, str]) -> None:
+        """Names, shapes and dtypes from each shard's header, checked against its size."""
+        held: dict[str, Mapping[str, Any]] = {}
+        for fname in files:
+            fpath = self.path / fname
+            if not fpath.exists():
+                raise MissingPathError(f"{self.where}: shard {fpath} named in the index is missing")
+            try:
+                held[fname] = read_header(fpath)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{self.where}: {exc}") from None
+            for name, stored in held[fname].items():
+                self.infos[name] = TensorInfo(name, stored.shape, stored.dtype, fname)
+        for name, fname in weight_map.items():
+            if name not in held[fname]:
+                raise CheckpointError(
+                    f"{self.where}: {self.path / SAFE_INDEX} puts tensor {name!r} in {fname}, "
+                    "which does not hold it"
+                )
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{self.where}: {index} is corrupt: no JSON object with a weight_map of tensor "
+                "names to shard files"
             )
-        self._load_pickled(pickled[0])
+        return weight_map
+
+    def _read_config(self) -> dict[str, Any]:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            data = json.loads(cfg.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{self.where}: {cfg} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{self.where}: {cfg} is not a JSON object")
+        return data
+
+    def _check_config(self) -> None:
+        """config.json must describe these weights (checkpoint_check says why)."""
+        problem = config_mismatch(
+            self._config,
+            {n: i.shape for n, i in self.infos.items()},
+            {n: layer_index(n) for n in self.infos},
+        )
+        if problem:
+            raise CheckpointError(
+                f"{self.where}: {self.path / 'config.json'} does not match its weights: {problem}"
+            )
 
     def _load_pickled(self, path: Path) -> None:
         files = [path]
@@ -160,7 +237,13 @@ class CheckpointReader:
             )
         self._pickled = {}
         for f in files:
-            self._pickled.update(torch.load(f, map_location="cpu", weights_only=True))
+            try:
+                self._pickled.update(torch.load(f, map_location="cpu", weights_only=True))
+            except Exception as exc:  # torch.load raises many types; the file is what matters
+                line = (str(exc).splitlines() or [""])[0][:200]
+                raise CheckpointError(
+                    f"{self.where}: {f} could not be loaded ({type(exc).__name__}: {line})"
+                ) from None
         for name, t in self._pickled.items():
             dt = dtypes.torch_name(t.dtype)
             code = dtypes.SAFETENSORS.get(dt, dt.upper())  # as a safetensors header says it
@@ -168,8 +251,8 @@ class CheckpointReader:
 
     @property
     def config(self) -> dict[str, Any]:
-        cfg = self.path / "config.json"
-        return json.loads(cfg.read_text()) if cfg.exists() else {}
+        """config.json as read when the reader opened ({} without one); a copy."""
+        return dict(self._config)
 
     @property
     def num_layers(self) -> int:
@@ -195,7 +278,12 @@ class CheckpointReader:
             info = self.infos[name]
             handle = self._handles.get(info.file)
             if handle is None:
-                handle = safe_open(str(self.path / info.file), framework="pt")
+                try:
+                    handle = safe_open(str(self.path / info.file), framework="pt")
+                except Exception as exc:  # SafetensorError: the file changed since it was opened
+                    raise CheckpointError(
+                        f"{self.where}: {self.path / info.file} can no longer be read ({exc})"
+                    ) from None
                 self._handles[info.file] = handle
             t = handle.get_tensor(name)
         return t.to(device=device, dtype=dtype or t.dtype)

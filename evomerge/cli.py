@@ -10,10 +10,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
+from typing import Any
 
 from evomerge import __version__
-from evomerge.errors import UserError
+from evomerge.errors import (
+    EXIT_CLUSTER_LOST,
+    EXIT_DISK_FULL,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    ClusterLostError,
+    DiskFullError,
+    Terminated,
+    UserError,
+)
 
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "report": ("evomerge.commands.report", "plots and summary table of a run, without exporting"),
     "merge": ("evomerge.commands.merge", "one merge from our recipe YAML or a mergekit YAML"),
+    "convert": ("evomerge.commands.convert", "a mergekit-evolve config as a study.yaml"),
     "eval": ("evomerge.commands.eval", "score a checkpoint with lm-eval"),
     "zoo": ("evomerge.commands.zoo", "build the demo model zoo and its study.yaml"),
     "demo": (
@@ -81,19 +95,79 @@ def main(argv: list[str] | None = None) -> int:
     from evomerge.memory import keep_freed_memory
 
     keep_freed_memory()
-    try:
-        module = importlib.import_module(args._module)
-        return int(module.run(args) or 0)
-    except UserError as exc:
-        print(f"evomerge: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("evomerge: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `evomerge status RUN | head`: the reader left; not an error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
-        return 0
+    with _SigtermRaises() as sigterm:
+        try:
+            module = importlib.import_module(args._module)
+            code = int(module.run(args) or 0)
+            # a command that reported Ctrl-C's code for what was SIGTERM (see _SigtermRaises)
+            return EXIT_TERMINATED if code == EXIT_INTERRUPTED and sigterm.fired else code
+        except UserError as exc:
+            print(f"evomerge: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except DiskFullError as exc:
+            print(f"evomerge: error: {exc}", file=sys.stderr)
+            return EXIT_DISK_FULL
+        except ClusterLostError as exc:
+            print(f"evomerge: error: {exc}", file=sys.stderr)
+            return EXIT_CLUSTER_LOST
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Terminated) or sigterm.fired:
+                print("evomerge: terminated (SIGTERM)", file=sys.stderr)
+                return EXIT_TERMINATED
+            print("evomerge: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:  # `evomerge status RUN | head`: the reader left; not an error
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
+            return 0
+        except Exception as exc:
+            full = _disk_full_error(exc, args)
+            if full is None:
+                raise
+            print(f"evomerge: error: {full}", file=sys.stderr)
+            return EXIT_DISK_FULL
+
+
+def _disk_full_error(exc: Exception, args: argparse.Namespace) -> Exception | None:
+    """A full disk met where no writer said which file (a library's own write): the error
+    naming the file when the OSError has one, else the command's output folder or run."""
+    from evomerge.disk_full import disk_full_cause, no_space
+
+    cause = disk_full_cause(exc)
+    if cause is None:
+        return None
+    where = getattr(cause, "filename", None) or getattr(args, "out", None)
+    where = where or getattr(args, "run_dir", None) or os.getcwd()
+    return no_space(where, cause, hint="free space there and run the command again")
+
+
+class _SigtermRaises:
+    """SIGTERM (a scheduler's preemption) raises `Terminated` in the main thread, so it cleans
+    up like Ctrl-C and exits 143. Raised once: a second SIGTERM would cut that cleanup short,
+    and the scheduler's SIGKILL follows its grace period anyway. The study loop holds it
+    during bookkeeping (`evomerge.study.InterruptGate`). `fired` says whether it came, also
+    when a library turned the exception into a plain KeyboardInterrupt (Ray's ray.wait does)."""
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _SigtermRaises:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGTERM, previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.fired:
+            self.fired = True
+            raise Terminated
 
 
 if __name__ == "__main__":

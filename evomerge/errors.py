@@ -6,11 +6,16 @@ User errors (exit 2, one line) derive from `UserError`; anything else is a bug (
 
 from __future__ import annotations
 
+import errno
+
 #: Exit codes of the CLI (README: "Exit codes"). 1 is left to bugs (a traceback).
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_NO_SUCCESS = 3  # the study ran to its budget but every candidate failed
+EXIT_DISK_FULL = 75  # no space left (ENOSPC, EDQUOT): free some, then resume (EX_TEMPFAIL)
+EXIT_CLUSTER_LOST = 69  # the Ray cluster is lost or unreachable: resume later (EX_UNAVAILABLE)
 EXIT_INTERRUPTED = 130  # SIGINT; the run is resumable
+EXIT_TERMINATED = 143  # SIGTERM (preemption: Slurm, Kubernetes, spot instances); resumable
 
 
 class EvomergeError(Exception):
@@ -33,6 +38,10 @@ class IncompatibleModelsError(UserError, ValueError):
     """Source models that cannot be merged (architecture, tensor names or shapes differ)."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint with truncated or corrupt files, or a config.json that disagrees with its weights."""
+
+
 class UnsafeCheckpointError(UserError, PermissionError):
     """A pickled checkpoint that we refuse to load without an explicit opt-in."""
 
@@ -51,3 +60,34 @@ class CandidateError(EvomergeError, RuntimeError):
 
 class ResourceError(UserError, MemoryError):
     """The device cannot hold what the study asks for (out of memory): the message says what to cut."""
+
+
+class DiskFullError(EvomergeError, OSError):
+    """No space left (ENOSPC, or a quota: EDQUOT) while writing `path`. Not a user error and not a
+    bug: the CLI prints the one-line message (what to free, how to continue) and exits 75.
+    Whatever was written before stays consistent: trials.jsonl whole lines, state files replaced
+    atomically or not at all."""
+
+    def __init__(self, message: str, path: str | None = None, err: int = errno.ENOSPC) -> None:
+        super().__init__(message)
+        self.errno, self.filename = err, path  # as the OSError it stands for
+
+    def __str__(self) -> str:  # OSError's own would prefix "[Errno ...]" when errno is set
+        return str(self.args[0])
+
+
+class ClusterLostError(EvomergeError, ConnectionError):
+    """The Ray cluster went away under the study: every node dead, its GCS (head node) silent,
+    or no node able to take a worker. Neither a bug nor bad input: the CLI prints the one line
+    and exits 69; the run is marked interrupted and `evomerge resume` continues it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which schedulers send before SIGKILL. A KeyboardInterrupt, so every cleanup
+    written for Ctrl-C (state marked interrupted, workers shut down) runs the same way; the CLI
+    exits 143 instead of 130."""
+
+
+def interrupt_exit_code(exc: BaseException) -> int:
+    """143 for SIGTERM, 130 for Ctrl-C."""
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED

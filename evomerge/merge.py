@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.checkpoint import SIDE_FILES, CheckpointReader, parse_dtype, stored_float_dtype
+from evomerge.disk_full import disk_full_cause, no_space
 from evomerge.errors import ConfigError
 from evomerge.methods.base import MergeInput
 from evomerge.plan import TensorTask, open_readers, plan_merge
@@ -151,9 +152,9 @@ def merge_to_disk(
         TensorSpec(t.out.name, t.out.shape, out_dtype or _source_dtype(readers, t)) for t in tasks
     ]
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         total = _write_shards(tmp, out.name, tasks, specs, readers, settings)
         ref = readers[recipe.reference_model].path
         for n in SIDE_FILES:
@@ -168,9 +169,18 @@ def merge_to_disk(
             else:
                 path.write_text(content)
         _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint, and the space back
+        full = disk_full_cause(exc)
+        if full is None:
+            raise
+        size = sum(s.nbytes for s in specs) / 1e6
+        raise no_space(
+            out,
+            full,
+            writing=f"the checkpoint to {out} ({size:.1f} MB of tensors)",
+            hint=f"free space there or choose another --out, then run it again ({out} is as it was)",
+        ) from exc
     return MergeStats(len(tasks), total, time.perf_counter() - t0, out)
 
 
@@ -188,6 +198,7 @@ def _write_shards(
     shards = assign_shards(specs, settings.max_shard_bytes)
     names = shard_names(len(shards))
     writer = BackgroundWriter()
+    streams: list[ShardStream] = []
 
     def load(model: str, name: str) -> torch.Tensor:
         return readers[model].get(name, device=device)
@@ -198,6 +209,7 @@ def _write_shards(
         total = 0
         for shard_specs, fname in zip(shards, names, strict=True):
             stream = ShardStream(folder / fname, shard_specs)
+            streams.append(stream)
             for spec in shard_specs:
                 out_t = torch.empty(spec.shape, dtype=spec.dtype, device=device)
                 merged = run_task(
@@ -213,6 +225,8 @@ def _write_shards(
     except BaseException:
         with contextlib.suppress(Exception):  # the first error is the one to report
             writer.finish()
+        for s in streams:  # closed now, so a full disk gets its space back with the temp folder
+            s.abort()
         raise
     if len(shards) > 1:
         index = {

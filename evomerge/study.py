@@ -11,48 +11,72 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 from evomerge.config import StudyConfig, parse_study
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, DiskFullError, Terminated
 from evomerge.executors import Job
 from evomerge.optimizers import Optimizer, Proposal
-from evomerge.recipe import Recipe
 from evomerge.runstore import RunStore, TrialRecord, best_trial
+from evomerge.scheduler import Evaluation, Scheduler
 from evomerge.study_plan import StudyPlan
 from evomerge.worker import Outcome
 
 
 class InterruptGate:
-    """Ctrl-C raises only while waiting on workers; during bookkeeping (append, tell, save) it
-    is held until the step is complete, so state on disk is never half-updated. (pycma's
-    pickling, for one, turns an interrupt inside it into an unrelated AttributeError.)"""
+    """Ctrl-C (SIGINT) and SIGTERM raise only while waiting on workers; during bookkeeping
+    (append, tell, save) they are held until the step is complete, so state on disk is never
+    half-updated. (pycma's pickling, for one, turns an interrupt inside it into an unrelated
+    AttributeError.) SIGTERM is how Slurm, Kubernetes and spot instances preempt a job before
+    their SIGKILL: it raises `Terminated` (a KeyboardInterrupt, exit 143), and once it has,
+    later SIGTERMs are ignored so the shutdown that follows (state.json, workers, Ray) runs to
+    its end."""
+
+    SIGNALS: ClassVar[dict[int, type[KeyboardInterrupt]]] = {
+        signal.SIGINT: KeyboardInterrupt,
+        signal.SIGTERM: Terminated,
+    }
 
     def __init__(self) -> None:
-        self.pending = False
+        self.pending: type[KeyboardInterrupt] | None = None  # the signal held, SIGTERM first
         self.waiting = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> InterruptGate:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def _reclaim(self) -> None:
+        """Install the handlers again, as a library may have replaced them while workers
+        started or ran: `ray.init` sets a Python SIGTERM handler that exits at once (code 15)
+        and Ray's core worker a C one that aborts (134), both skipping the bookkeeping (the
+        executor shuts Ray down itself). Unconditional: a C-level replacement is invisible to
+        `signal.getsignal`."""
+        for sig in self._previous:
+            signal.signal(sig, self._handle)
+
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            if sig == signal.SIGTERM and self.pending is Terminated:
+                previous = _ignore_signal
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)  # None: set in C
+        self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.waiting:
-            raise KeyboardInterrupt
-        self.pending = True
+        kind = self.SIGNALS[signum]
+        first = self.pending is None
+        if self.pending is not Terminated:
+            self.pending = kind
+        if self.waiting and first:
+            raise kind
 
     def check(self) -> None:
-        if self.pending:
-            raise KeyboardInterrupt
+        if self.pending is not None:
+            raise self.pending
 
     @contextmanager
     def waiting_on_workers(self) -> Iterator[None]:
@@ -60,8 +84,46 @@ class InterruptGate:
         self.waiting = True
         try:
             yield
+        except KeyboardInterrupt as exc:
+            if self.pending is Terminated and not isinstance(exc, Terminated):
+                # Ray's ray.wait/ray.get turn a signal handler's exception into a plain
+                # KeyboardInterrupt: it was SIGTERM all the same (exit 143, not 130)
+                raise Terminated from None
+            raise
         finally:
             self.waiting = False
+            self._reclaim()
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A SIGTERM after the first: the shutdown it started is already under way."""
+
+
+def mark_interrupted(store: RunStore, exc: BaseException, trials: int) -> DiskFullError | None:
+    """state.json says interrupted after `exc` stopped the run. For a full disk, returns the
+    one-line error to raise instead: what to free, how to resume, and whether state.json could
+    be written. Otherwise None: the caller re-raises `exc`, and a state.json that a full disk
+    kept from being written is not raised over a Ctrl-C or SIGTERM (status reads the dead pid
+    it still holds as interrupted)."""
+    from evomerge.disk_full import disk_full_cause, no_space
+
+    try:
+        store.set_state("interrupted", trials=trials)
+        saved = True
+    except DiskFullError:
+        saved = False
+    cause = disk_full_cause(exc)
+    if cause is None:
+        return None
+    file = getattr(cause, "filename", None)  # SQLite's "database or disk is full" names none
+    hint = f"free space there, then continue with: evomerge resume {store.dir} ({trials} finished trials are on disk"
+    if not saved:
+        hint += (
+            "; state.json could not be updated either: it names this process, "
+            "which `evomerge status` reports as interrupted once it has exited"
+        )
+    writing = "" if file else f"the study's state in {store.dir}"
+    return no_space(file or store.dir, cause, writing=writing, hint=hint + ")")
 
 
 class Study:
@@ -76,108 +138,205 @@ class Study:
         self.by_hash: dict[str, TrialRecord] = {
             r.recipe_hash: r for r in self.records if r.status != "duplicate"
         }
-        self.recorded = {r.proposal: r for r in self.records}
         self.best = best_trial(self.records)
+        self.sched = Scheduler(plan, store)
 
-    def run(self, *, resume: bool = False) -> TrialRecord | None:
+    @property
+    def next_trial(self) -> int:
+        """The number of the next trial: one past the highest (a line removed by hand from
+        trials.jsonl leaves a gap that is not filled again, so numbers never repeat)."""
+        return max((r.trial for r in self.records), default=-1) + 1
+
+    def run(
+        self, *, resume: bool = False, optimizer: Optimizer | None = None
+    ) -> TrialRecord | None:
+        """Run to the budget. `optimizer`: one the caller opened already (resume opens it before
+        writing anything, so that a bad state refuses with nothing changed on disk).
+
+        From the first step on, any exit but the budget's marks state.json interrupted: a Ctrl-C
+        or SIGTERM while workers start (a Ray cluster can take minutes) included, which raises at
+        once, since nothing is being written then."""
         from evomerge.progress import StudyProgress
+        from evomerge.rebuild import open_optimizer
 
         cfg = self.config
-        self.store.repair()
-        if self.best is not None and not self.store.best_is(self.best):
-            # a crash between appending the new best and writing best/, or best/ deleted
-            self.store.write_best(self.best, self.plan.space.decode(self.best.genome).to_yaml())
-        optimizer = self.plan.optimizer(self.store.dir, resume=resume)
-        optimizer.save()
-        budget = cfg.budget.max_trials
-        deadline = time.monotonic() + cfg.budget.max_seconds if cfg.budget.max_seconds else None
-        self.store.set_state("running")
-        redo: deque[Proposal] = deque()
-        for prop in optimizer.pending():
-            if prop.id in self.recorded:  # evaluated and appended, crash before tell
-                optimizer.tell(prop.id, self.recorded[prop.id].fitness)
-                optimizer.save()
-            else:
-                redo.append(prop)
-        bar = StudyProgress(budget, enabled=self.progress, done=len(self.records), best=self.best)
-        executor = self.plan.executor()
-        in_flight: dict[int, tuple[Proposal, Recipe, str]] = {}
+        bar = StudyProgress(
+            cfg.budget.max_trials, enabled=self.progress, done=self.candidates, best=self.best
+        )
+        executor = None
+        in_flight: dict[int, Evaluation] = {}
         stopped_by = "budget"
         try:
-            with InterruptGate() as gate:
+            with InterruptGate() as gate:  # a signal during this bookkeeping waits for its end
+                self.store.set_state("running")
+                self.store.repair()
+                if self.best is not None and not self.store.best_is(self.best):
+                    # a crash between appending the new best and writing best/, or best/ deleted
+                    recipe_yaml = self.plan.space.decode(self.best.genome).to_yaml()
+                    self.store.write_best(self.best, recipe_yaml)
+                if optimizer is None:
+                    optimizer = open_optimizer(self.plan, self.store, self.records, resume=resume)
+                optimizer.save()
+                self._restore(optimizer)
+                max_s = cfg.budget.max_seconds
+                deadline = time.monotonic() + max_s if max_s else None
+                with gate.waiting_on_workers():  # starting workers: a signal stops it at once
+                    executor = self.plan.executor()
+                jobs = 0
                 while True:
                     gate.check()
                     out_of_time = deadline is not None and time.monotonic() >= deadline
-                    while (
-                        not out_of_time
-                        and len(self.records) + len(in_flight) < budget
-                        and len(in_flight) < executor.workers
-                    ):
-                        prop = redo.popleft() if redo else optimizer.ask()
-                        if prop is None:
-                            break
-                        optimizer.save()
-                        recipe = self.plan.space.decode(prop.params)
-                        h = recipe.content_hash()
-                        if h in self.by_hash:
-                            self._record_duplicate(optimizer, prop, h)
-                            bar.update(self.records[-1], self.best)
+                    while not out_of_time and len(in_flight) < executor.workers:
+                        if not self.sched.ready:
+                            if not self._ask_new(optimizer, bar):
+                                break
                             continue
-                        in_flight[prop.id] = (prop, recipe, h)
-                        executor.submit(Job(prop.id, recipe))
+                        ev = self.sched.pop_ready()
+                        act = self.sched.active[ev.proposal]
+                        in_flight[jobs] = ev
+                        executor.submit(Job(jobs, act.recipe, rung=ev.rung, scored=ev.scored))
+                        jobs += 1
                     if not in_flight:
+                        if not out_of_time and self._close_cohort(optimizer):
+                            continue
                         if out_of_time:
                             stopped_by = "time"
                         break
                     with gate.waiting_on_workers():
                         results = executor.wait()
                     for result in results:
-                        prop, recipe, h = in_flight.pop(result.job.key)
-                        self._record(optimizer, prop, recipe, h, result.outcome)
-                        bar.update(self.records[-1], self.best)
-        except BaseException:  # Ctrl-C or a crash: what finished is already on disk
-            self.store.set_state("interrupted", trials=len(self.records))
-            raise
+                        self._record(in_flight.pop(result.job.key), result.outcome)
+                        self._tell_final(optimizer)
+                        bar.update(self.candidates, self.best)
+        except BaseException as exc:  # a signal, a full disk, a crash: what finished is on disk
+            full = mark_interrupted(self.store, exc, len(self.records))
+            if full is None:
+                raise
+            raise full from exc
         finally:
             bar.close()
-            executor.close()
+            if executor is not None:
+                executor.close()
         self.store.set_state("finished", trials=len(self.records), stopped_by=stopped_by)
         return self.best
 
-    def _record(
-        self, optimizer: Optimizer, prop: Proposal, recipe: Recipe, h: str, outcome: Outcome
-    ) -> None:
+    # ------------------------------------------------------------------ budget
+    @property
+    def candidates(self) -> int:
+        """Candidates started: distinct proposals recorded or under way (racing: a candidate
+        has a line per rung, and counts once)."""
+        return len({r.proposal for r in self.records} | set(self.sched.active))
+
+    def _may_start(self) -> bool:
+        budget = self.config.budget
+        if self.candidates >= budget.max_trials:
+            return False
+        if budget.max_items is None:
+            return True
+        cost = self.sched.next_cost() or 0
+        return sum(r.items for r in self.records) + cost <= budget.max_items
+
+    def _ask_new(self, optimizer: Optimizer, bar: Any) -> bool:
+        """Start one new candidate (or record a duplicate); False when none can start now."""
+        if not self._may_start():
+            self.sched.cohort_closed = True  # the budget ends this generation where it is
+            return False
+        prop = optimizer.ask()
+        if prop is None:  # a generational optimizer waits for its generation to be told
+            self.sched.cohort_closed = True
+            return False
+        optimizer.save()
+        recipe = self.plan.space.decode(prop.params)
+        h = recipe.content_hash()
+        if h in self.by_hash:
+            self._record_duplicate(optimizer, prop, h)
+            bar.update(self.candidates, self.best)
+            return True
+        self.sched.add(prop, recipe, h)
+        return True
+
+    def _close_cohort(self, optimizer: Optimizer) -> bool:
+        """Nothing runs: let the scheduler decide the open generation; True if work followed."""
+        told = self._tell_final(optimizer)
+        return bool(self.sched.ready) or told > 0
+
+    # ------------------------------------------------------------------ records
+    def _restore(self, optimizer: Optimizer) -> None:
+        """Proposals pending at the last stop: told from their lines when final (a crash
+        between append and tell), continued otherwise (racing: from their last rung)."""
+        self.sched.load_history(self.records)
+        for prop in optimizer.pending():
+            lines = [r for r in self.records if r.proposal == prop.id]
+            recipe = self.plan.space.decode(prop.params)
+            self.sched.restore(prop, recipe, recipe.content_hash(), lines)
+        self._tell_final(optimizer)
+
+    def _incumbent(self) -> float | None:
+        """The best score on every item among candidates already told."""
+        full = [
+            r.fitness[0]
+            for r in self.records
+            if r.ok and r.fidelity >= 1.0 and r.proposal not in self.sched.active
+        ]
+        return max(full) if full else None
+
+    def _tell_final(self, optimizer: Optimizer) -> int:
+        """Tell the optimizer every candidate whose score is final; returns how many."""
+        done = self.sched.decide(self._incumbent())
+        by_trial = {r.trial: r for r in self.records}
+        for act in done:
+            rec = by_trial[act.final_trial]
+            optimizer.tell(act.prop.id, rec.fitness)
+            optimizer.save()
+            if rec.status != "duplicate":
+                self.by_hash[act.recipe_hash] = rec
+        return len(done)
+
+    def _record(self, ev: Evaluation, outcome: Outcome) -> None:
+        """Append the line of one evaluation (and its items), and rewrite best/ if it improved."""
         from evomerge.errors import CandidateError
 
-        fitness = None
+        act = self.sched.active[ev.proposal]
         error = outcome.error
-        if outcome.scores is not None:
-            try:
-                fitness = list(self.plan.objective.evaluate(outcome.scores))
-            except CandidateError as exc:
-                error = str(exc)
+        try:
+            est = self.sched.estimate(ev, outcome.items, outcome.scores, outcome.item_counts)
+        except CandidateError as exc:
+            est, error = None, str(exc)
+        ok = est is not None and est.fitness is not None
+        trial = self.next_trial
+        if ok and est.items is not None:
+            self.store.write_items(trial, est.items if ev.rung is None else outcome.items)
         rec = TrialRecord(
-            trial=len(self.records),
-            proposal=prop.id,
-            status="ok" if fitness is not None else "failed",
-            genome=dict(prop.params),
-            recipe_hash=h,
-            fitness=fitness,
-            scores=outcome.scores or {},
+            trial=trial,
+            proposal=act.prop.id,
+            status="ok" if ok else "failed",
+            genome=dict(act.prop.params),
+            recipe_hash=act.recipe_hash,
+            fitness=est.fitness if ok else None,
+            scores=est.scores if ok else (outcome.scores or {}),
             error=error,
             seconds={k: round(v, 4) for k, v in outcome.seconds.items()},
             worker=outcome.worker,
+            rung=ev.rung,
+            items=outcome.items.count if outcome.items is not None else 0,
+            fidelity=est.fidelity if ok else 1.0,
+            ci=est.ci if ok else None,
         )
-        self._commit(optimizer, prop, rec)
-        self.by_hash[h] = rec
-        if rec.ok and (self.best is None or rec.fitness[0] > self.best.fitness[0]):
+        self.store.append(rec)
+        self.records.append(rec)
+        self.sched.recorded(ev, rec, est.items if ok else None)
+        if (
+            rec.ok
+            and rec.fidelity >= 1.0
+            and (self.best is None or rec.fitness[0] > self.best.fitness[0])
+        ):
             self.best = rec
-            self.store.write_best(rec, recipe.to_yaml())
+            self.store.write_best(rec, act.recipe.to_yaml())
 
     def _record_duplicate(self, optimizer: Optimizer, prop: Proposal, h: str) -> None:
         first = self.by_hash[h]
         rec = TrialRecord(
-            trial=len(self.records),
+            trial=self.next_trial,
             proposal=prop.id,
             status="duplicate",
             genome=dict(prop.params),
@@ -186,13 +345,10 @@ class Study:
             scores=first.scores,
             error=first.error,
             duplicate_of=first.trial,
+            fidelity=first.fidelity,
         )
-        self._commit(optimizer, prop, rec)
-
-    def _commit(self, optimizer: Optimizer, prop: Proposal, rec: TrialRecord) -> None:
         self.store.append(rec)
         self.records.append(rec)
-        self.recorded[prop.id] = rec
         optimizer.tell(prop.id, rec.fitness)
         optimizer.save()
 

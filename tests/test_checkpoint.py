@@ -225,3 +225,58 @@ def test_with_layer_index_replaces_only_the_block_index():
     assert with_layer_index("model.layers.1.mlp.experts.1.w", 4) == "model.layers.4.mlp.experts.1.w"
     assert with_layer_index("lm_head.weight", 2) == "lm_head.weight"
     assert layer_index(with_layer_index("gpt_neox.layers.0.attention.dense.bias", 9)) == 9
+
+
+# ---------------------------------------------------------------- hub ids
+
+
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_hub_hint_says_what_to_do_in_each_mode(tmp_path, offline):
+    """A hub id that is neither cached nor a folder: offline, how to allow downloads; online,
+    the download error and that the id may be wrong or gated. The hub is a closed localhost
+    port, so nothing leaves this machine and the download fails at once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": offline,
+        "HF_HOME": str(tmp_path / "hf"),  # an empty cache
+        "HF_ENDPOINT": f"http://127.0.0.1:{unused_port()}",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    env.pop("HF_TOKEN", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", "eval", "no-such-org/no-such-model", "--tasks", "t"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seconds = time.perf_counter() - t0
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    line = lines[0]
+    assert line.startswith("evomerge: error: MODEL_DIR: 'no-such-org/no-such-model' is no local")
+    assert str(tmp_path / "no-such-org" / "no-such-model") in line
+    if offline == "1":
+        assert "downloads are off (HF_HUB_OFFLINE=1, evomerge's default is 1)" in line
+        assert "set HF_HUB_OFFLINE=0 to download it" in line
+    else:
+        assert "HF_HUB_OFFLINE" not in line
+        assert "could not be downloaded from the hub (LocalEntryNotFoundError: " in line
+        assert "Connection refused" in line
+        assert "misspelled, or a gated or private repo" in line
+    assert seconds < 30, seconds

@@ -48,3 +48,27 @@ def test_no_command_and_unknown_command_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2
+
+
+def test_exit_codes_are_distinct_and_leave_1_to_bugs():
+    from evomerge import errors
+
+    codes = {k: v for k, v in vars(errors).items() if k.startswith("EXIT_")}
+    assert len(set(codes.values())) == len(codes), codes
+    assert 1 not in codes.values()
+    assert (errors.EXIT_DISK_FULL, errors.EXIT_INTERRUPTED, errors.EXIT_TERMINATED) == (
+        75,
+        130,
+        143,
+    )
+    assert errors.interrupt_exit_code(errors.Terminated()) == 143
+    assert errors.interrupt_exit_code(KeyboardInterrupt()) == 130
+
+
+def test_main_leaves_the_sigterm_handler_as_it_found_it(tmp_path, capsys):
+    """main() catches SIGTERM while a command runs (exit 143), and only then."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["status", str(tmp_path / "missing")]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -21,8 +21,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
 from evomerge.cli import main  # noqa: E402
-from evomerge.errors import ConfigError, TaskError  # noqa: E402
+from evomerge.errors import ClusterLostError, ConfigError, TaskError  # noqa: E402
 from evomerge.executors import Job, make_executor  # noqa: E402
+from evomerge.executors.ray_health import check_deadlines  # noqa: E402
 from evomerge.runstore import RunStore  # noqa: E402
 from tests.study_factory import make_tiny_study  # noqa: E402
 
@@ -170,6 +171,19 @@ def test_lost_node_mid_study_completes_budget(executor, expected, cluster):
     assert Counter(seen) == Counter(200 + i for i in range(len(recipes)))  # each exactly once
     assert all(got[200 + i].scores == o.scores for i, o in enumerate(outcomes))
     assert executor.replaced > replaced
+    # The replacement waits for a node (the head's CPU is taken) while the live worker carries
+    # the study: no deadline counts then, however long it waits (placement_timeout is for a
+    # study left with no worker at all).
+    (waiting,) = [s for s in executor._slots if not s.up]
+    assert waiting.placing is not None
+    waiting.since -= 10_000
+    check_deadlines(executor._slots, **LATE, every_slot=False, watch=executor.watch)
+    with pytest.raises(ClusterLostError, match="placed no worker"):  # at start: each slot's
+        check_deadlines(executor._slots, **LATE, every_slot=True, watch=executor.watch)
+    executor.watch.check(fresh=True)  # one node left: the cluster is there
+
+
+LATE = {"placement_timeout": 1.0, "start_timeout": 1.0, "need": "1 CPU and 0 GPU"}
 
 
 def drain(executor) -> dict:

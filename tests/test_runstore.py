@@ -14,7 +14,8 @@ import yaml
 import evomerge.atomic
 import evomerge.runstore
 from evomerge.errors import RunDirError, UserError
-from evomerge.runstore import RunStore, TrialRecord, best_trial
+from evomerge.run_lock import lock_holder, release_run_dir
+from evomerge.runstore import RunStore, TrialRecord, TrialsFileError, best_trial
 
 STUDY_YAML = "name: tiny\nseed: 0\n"
 
@@ -77,7 +78,50 @@ def test_create_refuses_a_finished_run(store):
 def test_create_accepts_an_empty_existing_folder(tmp_path):
     (tmp_path / "run").mkdir()
     store = RunStore.create(tmp_path / "run", STUDY_YAML)
-    assert (store.dir / "study.yaml").exists()
+    assert (store.dir / "study.yaml").exists() and not store.reused
+
+
+def test_create_locks_the_run_for_this_process(tmp_path):
+    store = RunStore.create(tmp_path / "run", STUDY_YAML)
+    holder = lock_holder(store.dir)
+    assert holder is not None and holder["pid"] == os.getpid()
+    release_run_dir(store.dir)
+    assert lock_holder(store.dir) is None
+
+
+def _started_without_a_trial(tmp_path: Path, name: str = "run") -> Path:
+    """What a start leaves when it fails or is killed before its first trial."""
+    run = tmp_path / name
+    run.mkdir()
+    (run / "study.yaml").write_text("name: old\n")
+    (run / "trials.jsonl").write_text('{"trial": 0, "propos')  # torn: not recorded
+    (run / "state.json").write_text(json.dumps({"state": "running", "pid": 999999999}))
+    (run / "optimizer.pkl").write_bytes(b"old state")
+    (run / "fitness.json").write_text("{}")
+    return run
+
+
+def test_create_starts_over_a_run_that_recorded_no_trial(tmp_path):
+    run = _started_without_a_trial(tmp_path)
+    store = RunStore.create(run, STUDY_YAML)
+    assert store.reused
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".lock",
+        "state.json",
+        "study.yaml",
+        "trials.jsonl",
+    ]
+    assert (run / "study.yaml").read_text() == STUDY_YAML and store.read_trials() == []
+
+
+def test_create_never_reuses_a_folder_that_is_not_a_run(tmp_path):
+    """A folder with a study.yaml of the user's own (no trials.jsonl) is not a run to clear."""
+    run = tmp_path / "project"
+    run.mkdir()
+    (run / "study.yaml").write_text("name: mine\n")
+    with pytest.raises(RunDirError, match="already exists"):
+        RunStore.create(run, STUDY_YAML)
+    assert sorted(p.name for p in run.iterdir()) == ["study.yaml"]
 
 
 def test_open_needs_a_folder_with_a_study(tmp_path, store):
@@ -169,8 +213,52 @@ def test_without_repair_the_next_append_would_be_lost(store):
     store.append(record(0))
     _tear(store)
     store.append(record(1))
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(TrialsFileError, match=r"trials.jsonl, line 2: not valid JSON"):
         store.read_trials()
+
+
+@pytest.mark.parametrize(
+    ("line", "fault"),
+    [
+        (b"garbage\n", "not valid JSON (Expecting value)"),
+        (b"\xff\xfe{}\n", "not valid JSON"),
+        (b"[1, 2]\n", "a JSON list, not an object"),
+        (b'{"trial": 1}\n', "no genome, proposal, recipe_hash, status"),
+        (record(1).to_json()[:-1].encode() + b', "extra": 1}\n', "unknown fields extra"),
+    ],
+)
+def test_a_bad_line_that_is_not_the_torn_last_one_names_file_and_line(store, line, fault):
+    store.append(record(0))
+    with open(store.trials_path, "ab") as fh:
+        fh.write(line)
+    store.append(record(2))
+    with pytest.raises(TrialsFileError) as info:
+        store.read_trials()
+    msg = str(info.value)
+    assert msg.startswith(f"{store.trials_path}, line 2: ") and fault in msg, msg
+    assert "\n" not in msg and "fix or remove that line" in msg
+    assert isinstance(info.value, UserError)  # one line, exit 2, never a JSONDecodeError
+
+
+def test_blank_lines_are_skipped(store):
+    store.append(record(0))
+    with open(store.trials_path, "a") as fh:
+        fh.write("\n  \n")
+    store.append(record(1))
+    assert [r.trial for r in store.read_trials()] == [0, 1]
+
+
+def test_a_trial_number_on_several_lines_counts_once_from_its_first_line(store):
+    """Two controllers on one run (before runs were locked) wrote trial 1 twice: it is one
+    trial, and every count (status, budget, resume) is of distinct trials."""
+    store.append(record(0))
+    store.append(record(1, (0.25,)))
+    store.append(record(1, (0.75,)))
+    store.append(record(2))
+    assert store.trials_path.read_text().count("\n") == 4
+    records = store.read_trials()
+    assert [r.trial for r in records] == [0, 1, 2]
+    assert records[1].fitness == [0.25]
 
 
 def test_repair_of_a_torn_first_line_and_of_clean_files(store):
@@ -217,6 +305,14 @@ def test_running_with_a_dead_controller_reads_as_interrupted(store):
     assert store.state()["state"] == "finished"  # only "running" needs a live controller
 
 
+def test_running_reads_as_interrupted_once_nobody_holds_the_lock(store):
+    """A live pid is not enough (pids are reused): running needs the run's lock held."""
+    store.set_state("running")  # our own, live pid
+    assert store.state()["state"] == "running"
+    release_run_dir(store.dir)
+    assert store.state()["state"] == "interrupted"
+
+
 def test_missing_state_reads_as_interrupted(store):
     (store.dir / "state.json").unlink()
     assert store.state() == {"state": "interrupted"}
@@ -233,6 +329,7 @@ def test_set_state_is_atomic(store, monkeypatch):
         store.set_state("finished")
     assert (store.dir / "state.json").read_text() == before
     assert sorted(p.name for p in store.dir.iterdir()) == [
+        ".lock",
         "state.json",
         "study.yaml",
         "trials.jsonl",

@@ -88,7 +88,7 @@ def test_failed_candidate_is_recorded_not_fatal(study_root, tmp_path, capsys, mo
     real = Worker.evaluate
     calls = {"n": 0}
 
-    def flaky(self, recipe, split="search"):
+    def flaky(self, recipe, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:  # our own code path raising, as a broken candidate would
             recipe = recipe.model_copy(
@@ -96,7 +96,7 @@ def test_failed_candidate_is_recorded_not_fatal(study_root, tmp_path, capsys, mo
                     "sections": [Section(method="linear", models={"s1": {"weight": float("nan")}})]
                 }
             )
-        return real(self, recipe, split)
+        return real(self, recipe, *args, **kwargs)
 
     monkeypatch.setattr(Worker, "evaluate", flaky)
     code, _, err = cli(
@@ -193,6 +193,46 @@ def test_ctrl_c_marks_interrupted_and_resume_finishes(study_root, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     records = store.read_trials()
     assert len(records) == n + 2 and len({r.proposal for r in records}) == n + 2
+
+
+@pytest.mark.parametrize(
+    ("executor", "sig", "code"),
+    [
+        ("local", signal.SIGINT, 130),
+        ("local", signal.SIGTERM, 143),
+        pytest.param("ray", signal.SIGINT, 130, marks=pytest.mark.ray),  # inside ray.init
+    ],
+)
+def test_signal_while_workers_start_marks_interrupted_and_run_starts_again(
+    study_root, tmp_path, executor, sig, code
+):
+    """Ctrl-C or SIGTERM while the workers start (before any trial): state.json says
+    interrupted (not running with a dead pid), and the same `run` again is not refused with
+    "already exists": it starts that run over, and it ends with exactly the budget."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    study = with_changes(study_root, f"setup-{sig.name}", budget__max_trials=3)
+    cmd = [*EVOMERGE, "run", str(study), "--runs-dir", str(tmp_path), "--name", "r", "--quiet"]
+    cmd += ["--executor", executor, "--workers", "1"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    run_dir = tmp_path / "r"
+    t0 = time.time()
+    # optimizer.pkl is saved just before the workers start, which takes seconds (models, tasks)
+    while not (run_dir / "optimizer.pkl").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() - t0 < 120, "the run never reached its setup"
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err.decode()[-2000:]
+    assert (run_dir / "trials.jsonl").read_text() == ""  # the signal came during setup
+    on_disk = json.loads((run_dir / "state.json").read_text())
+    assert on_disk["state"] == "interrupted" and on_disk["pid"] == proc.pid
+    assert "before the first trial" in err.decode()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "again: its earlier start recorded no trial" in res.stderr
+    assert [r.trial for r in RunStore(run_dir).read_trials()] == [0, 1, 2]
+    assert RunStore(run_dir).state()["state"] == "finished"
 
 
 def test_dry_run_prints_genome_and_recipe_and_writes_nothing(study_root, tmp_path, capsys):

@@ -40,12 +40,12 @@ def demo_executor(args: argparse.Namespace) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from evomerge.commands.resume import with_budget
-    from evomerge.commands.run import drive, overrides
+    from evomerge.commands.resume import continue_run, ensure_best
+    from evomerge.commands.run import drive, overrides, start_run
     from evomerge.config import load_study_config
     from evomerge.export import export_run
     from evomerge.report_table import format_heldout_table
-    from evomerge.runstore import RunStore
+    from evomerge.runstore import RunStore, candidates_done
     from evomerge.study import load_run_config
     from evomerge.study_plan import build_plan
     from evomerge.zoo import build_zoo
@@ -58,24 +58,25 @@ def run(args: argparse.Namespace) -> int:
     t_zoo = time.perf_counter() - t0
     config = load_study_config(zoo_dir / "study.yaml", {**demo_executor(args), **overrides(args)})
     run_dir = runs / config.name
-    store = RunStore(run_dir)
     if (run_dir / "study.yaml").exists():
-        store = RunStore.open(run_dir)
-        done = len(store.read_trials())
+        store = RunStore.open(run_dir, lock=True)
+        records = store.read_trials()
+        done = candidates_done(records)
         wanted = args.max_trials if args.max_trials and args.max_trials > done else None
-        config = with_budget(store, load_run_config(store), wanted)
-        if done < config.budget.max_trials:
-            print(f"[2/3] resuming {run_dir} ({done}/{config.budget.max_trials} trials done)")
-            code = drive(store, build_plan(config), resume=True, quiet=args.quiet)
+        budget = wanted or load_run_config(store).budget.max_trials
+        if done < budget:
+            print(f"[2/3] resuming {run_dir} ({done}/{budget} trials done)")
+            code = continue_run(store, max_trials=wanted, quiet=args.quiet)
             if code:
                 return code
         else:
             print(f"[2/3] {run_dir} is finished ({done} trials); reusing it")
+            ensure_best(store, load_run_config(store), records)
     else:
         print(
             f"[2/3] evolving a merge: {config.optimizer.name}, {config.budget.max_trials} trials, executor {config.executor.kind}"
         )
-        store = RunStore.create(run_dir, config.to_yaml())
+        store = start_run(run_dir, config)
         code = drive(store, build_plan(config), resume=False, quiet=args.quiet)
         if code:
             return code

@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported by anything below
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    from evomerge.checkpoint import resolve_model_path
+    from evomerge.checkpoint import CheckpointReader, resolve_model_path
     from evomerge.errors import CandidateError
     from evomerge.scoring import Scorer, ScoringSettings, check_tasks
 
@@ -195,7 +195,10 @@ def run(args: argparse.Namespace) -> int:
     )
     paths = [resolve_model_path(d, where="MODEL_DIR") for d in args.model_dirs]
     for path in paths:  # every folder is checked before the first model loads
-        _check_weights(path, args.allow_pickle)
+        if _check_weights(path, args.allow_pickle):
+            # headers against file sizes, config.json against the weights (pickles load whole:
+            # from_pretrained reads them once, below)
+            CheckpointReader(path, where="MODEL_DIR").close()
     check_tasks(config)  # unknown tasks fail here, before the model loads
     rows: list[tuple[str, Any]] = []
     primary: dict[str, tuple[str, bool]] = {}

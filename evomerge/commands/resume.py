@@ -1,8 +1,19 @@
-"""`evomerge resume RUN_DIR`: continue an interrupted study where it stopped."""
+"""`evomerge resume RUN_DIR`: continue an interrupted study where it stopped.
+
+The run's lock comes first (a second process is refused before it reads anything), then every
+check that can refuse (the fitness definition, the budget, the optimizer state), and only then
+is anything written: a refused resume leaves the run as it was.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from evomerge.config import StudyConfig
+    from evomerge.runstore import RunStore, TrialRecord
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -12,43 +23,90 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="new budget (at least the trials done): raise it to extend a finished study",
     )
+    p.add_argument("--max-seconds", type=float, help="new wall-clock limit of this resume")
+    p.add_argument(
+        "--rebuild-state",
+        action="store_true",
+        help="rebuild a lost or unreadable optimizer state by replaying trials.jsonl",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def with_budget(store, config, max_trials: int | None):
-    """`config` with its budget raised to `max_trials` (saved into the run's study.yaml)."""
-    from evomerge.atomic import atomic_write
+def budgeted(
+    config: StudyConfig, done: int, max_trials: int | None, max_seconds: float | None = None
+) -> StudyConfig:
+    """`config` with the budget the flags set (written to study.yaml only once the resume is
+    sure to go ahead); the only changes a resume takes."""
     from evomerge.errors import RunDirError
-    from evomerge.runstore import STUDY
 
-    if max_trials is None:
+    update: dict[str, object] = {}
+    if max_trials is not None:
+        if max_trials < max(done, 1):
+            raise RunDirError(f"--max-trials {max_trials} is below the {done} trials already done")
+        update["max_trials"] = max_trials
+    if max_seconds is not None:
+        if max_seconds <= 0:
+            raise RunDirError(f"--max-seconds {max_seconds} must be positive")
+        update["max_seconds"] = max_seconds
+    if not update:
         return config
-    done = len(store.read_trials())
-    if max_trials < max(done, 1):
-        raise RunDirError(f"--max-trials {max_trials} is below the {done} trials already done")
-    config = config.model_copy(
-        update={"budget": config.budget.model_copy(update={"max_trials": max_trials})}
-    )
-    atomic_write(store.dir / STUDY, config.to_yaml())
-    return config
+    return config.model_copy(update={"budget": config.budget.model_copy(update=update)})
 
 
-def run(args: argparse.Namespace) -> int:
+def continue_run(
+    store: RunStore,
+    *,
+    max_trials: int | None = None,
+    max_seconds: float | None = None,
+    rebuild_state: bool = False,
+    quiet: bool = False,
+) -> int:
+    """Resume `store` (the caller holds its lock) to its budget; refusals come before writes."""
+    from evomerge.atomic import atomic_write
     from evomerge.commands.run import drive
-    from evomerge.errors import RunDirError
-    from evomerge.runstore import RunStore
+    from evomerge.fitness_definition import check_fitness_definition
+    from evomerge.rebuild import open_optimizer
+    from evomerge.runstore import STUDY, candidates_done
     from evomerge.study import load_run_config
     from evomerge.study_plan import build_plan
 
-    store = RunStore.open(args.run_dir)
-    state = store.state()
-    if state.get("state") == "running":
-        raise RunDirError(f"{store.dir} is being run by process {state.get('pid')}; stop it first")
-    config = with_budget(store, load_run_config(store), args.max_trials)
-    done = len(store.read_trials())
-    if done >= config.budget.max_trials:
+    config = load_run_config(store)
+    check_fitness_definition(store.dir, config)
+    records = store.read_trials()
+    done = candidates_done(records)
+    wanted = budgeted(config, done, max_trials, max_seconds)
+    if done >= wanted.budget.max_trials:
+        ensure_best(store, config, records)
         print(
             f"{store.dir}: all {done} trials of the budget are done; raise it with --max-trials N"
         )
         return 0
-    return drive(store, build_plan(config), resume=True, quiet=args.quiet)
+    plan = build_plan(wanted)
+    optimizer = open_optimizer(plan, store, records, resume=True, rebuild=rebuild_state)
+    if wanted != config:
+        atomic_write(store.dir / STUDY, wanted.to_yaml())
+    return drive(store, plan, resume=True, quiet=quiet, optimizer=optimizer)
+
+
+def ensure_best(store: RunStore, config: StudyConfig, records: Sequence[TrialRecord]) -> None:
+    """Rewrite best/ when it was deleted or is stale (a resume that runs does it in the loop)."""
+    from evomerge.runstore import best_trial
+    from evomerge.study_plan import build_plan
+
+    best = best_trial(list(records))
+    if best is not None and not store.best_is(best):
+        space = build_plan(config).space  # seconds, only when best/ was lost
+        store.write_best(best, space.decode(best.genome).to_yaml())
+
+
+def run(args: argparse.Namespace) -> int:
+    from evomerge.runstore import RunStore
+
+    store = RunStore.open(args.run_dir, lock=True)
+    return continue_run(
+        store,
+        max_trials=args.max_trials,
+        max_seconds=args.max_seconds,
+        rebuild_state=args.rebuild_state,
+        quiet=args.quiet,
+    )

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evomerge.errors import EXIT_NO_SUCCESS
+from evomerge.errors import EXIT_NO_SUCCESS, ClusterLostError
 
 if TYPE_CHECKING:
+    from evomerge.config import StudyConfig
+    from evomerge.optimizers import Optimizer
     from evomerge.runstore import RunStore
     from evomerge.study_plan import StudyPlan
 
@@ -28,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local Ray)"
     )
     p.add_argument("--device", help="override device (auto, cpu, cuda, cuda:N)")
+    p.add_argument(
+        "--task-search-path",
+        action="append",
+        help="folder of lm-eval task YAMLs, repeatable (mergekit-evolve's flag); sets tasks.include_path",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -56,11 +63,10 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.config import load_study_config
-    from evomerge.runstore import RunStore
+    from evomerge.mergekit_evolve import load_study  # a study YAML, or a mergekit-evolve config
     from evomerge.study_plan import build_plan
 
-    config = load_study_config(args.study, overrides(args))
+    config = load_study(args.study, overrides(args), getattr(args, "task_search_path", None))
     plan = build_plan(config)
     if args.dry_run:
         dims = plan.space.dimensions()
@@ -72,24 +78,52 @@ def run(args: argparse.Namespace) -> int:
         print("initial recipe:")
         print(plan.space.decode(plan.x0).to_yaml())
         return 0
-    run_dir = Path(args.runs_dir) / config.name
-    store = RunStore.create(run_dir, config.to_yaml())
+    store = start_run(Path(args.runs_dir) / config.name, config)
     return drive(store, plan, resume=False, quiet=args.quiet)
 
 
-def drive(store: RunStore, plan: StudyPlan, *, resume: bool, quiet: bool) -> int:
+def start_run(run_dir: Path, config: StudyConfig) -> RunStore:
+    """Create and lock the run directory (RunStore.create) and record its fitness definition."""
+    from evomerge.fitness_definition import record_fitness_definition
+    from evomerge.runstore import RunStore
+
+    store = RunStore.create(run_dir, config.to_yaml())
+    record_fitness_definition(store.dir, config)
+    if store.reused:
+        print(f"starting {store.dir} again: its earlier start recorded no trial", file=sys.stderr)
+    return store
+
+
+def drive(
+    store: RunStore,
+    plan: StudyPlan,
+    *,
+    resume: bool,
+    quiet: bool,
+    optimizer: Optimizer | None = None,
+) -> int:
     """Run to the budget; on Ctrl-C say how to resume (nothing finished is lost)."""
     from evomerge.study import Study
 
     study = Study(store, plan, progress=not quiet)
     try:
-        best = study.run(resume=resume)
-    except KeyboardInterrupt:
+        best = study.run(resume=resume, optimizer=optimizer)
+    except ClusterLostError as exc:  # what finished is on disk: say how to continue
+        n = len(study.records)
+        raise ClusterLostError(
+            f"{exc}; {n} trials on disk, continue with: evomerge resume {store.dir}"
+        ) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): a scheduler's preemption
+        from evomerge.errors import Terminated, interrupt_exit_code
+
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        done = f"after {len(study.records)} trials" if study.records else "before the first trial"
+        again = "" if study.records else "run the same command again, or "
         print(
-            f"\ninterrupted after {len(study.records)} trials; continue with: evomerge resume {store.dir}",
+            f"\n{what} {done}; {again}continue with: evomerge resume {store.dir}",
             file=sys.stderr,
         )
-        return 130
+        return interrupt_exit_code(exc)
     n = len(study.records)
     failed = sum(1 for r in study.records if r.status == "failed")
     if best is None:

@@ -12,18 +12,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def summarize(run_dir: str) -> dict:
-    from evomerge.runstore import RunStore, best_trial
+    """Counts are of distinct trials (RunStore.read_trials), never of lines; trials_completed
+    counts candidates, the unit of the budget."""
+    from evomerge.run_lock import lock_holder
+    from evomerge.runstore import RunStore, best_trial, candidates_done
     from evomerge.yaml_io import read_yaml
 
     store = RunStore.open(run_dir)
     study = read_yaml(store.dir / "study.yaml")
     records = store.read_trials()
+    state = store.state().get("state")
     best = best_trial(records)
     seconds = [r.seconds.get("total", 0.0) for r in records if r.status != "duplicate"]
     out = {
         "name": study.get("name"),
-        "state": store.state().get("state"),
-        "trials_completed": len(records),
+        "state": state,
+        "trials_completed": candidates_done(records),
         "budget": study.get("budget", {}).get("max_trials"),
         "failed": sum(1 for r in records if r.status == "failed"),
         "duplicates": sum(1 for r in records if r.status == "duplicate"),
@@ -31,6 +35,9 @@ def summarize(run_dir: str) -> dict:
         "best": None,
         "run_dir": str(store.dir),
     }
+    holder = lock_holder(store.dir) if state == "running" else None
+    if holder:
+        out["controller"] = {"host": holder.get("host"), "pid": holder.get("pid")}
     if best is not None:
         out["best"] = {
             "trial": best.trial,
@@ -53,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, sort_keys=True))
         return 0
+    who = info.get("controller")
+    state = f"{info['state']} (process {who['pid']} on {who['host']})" if who else info["state"]
     print(
-        f"{info['name']}: {info['state']}, {info['trials_completed']}/{info['budget']} trials "
+        f"{info['name']}: {state}, {info['trials_completed']}/{info['budget']} trials "
         f"({info['failed']} failed, {info['duplicates']} duplicates), {info['seconds_per_trial']} s per trial"
     )
     best = info["best"]

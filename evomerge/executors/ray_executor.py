@@ -26,20 +26,14 @@ a multiple of K. Optuna samplers (TPE, NSGA-II, optuna_cmaes) have no such barri
 Faults: an actor that dies (killed, host out of memory, node lost) is replaced by a new actor and
 its candidate is queued again, first in line; nothing finished is lost and nothing is recorded
 twice. After `max_replacements` losses (default 3 x workers) the study stops with
-`WorkersLostError`. A candidate that fails by itself (NaN metrics, an exception while merging or
-scoring) comes back as an `Outcome` with its error and is recorded as failed, not retried. CUDA
-out of memory stops the study with a `ResourceError` that says what to reduce.
+`WorkersLostError`. A lost cluster (every node dead, the GCS silent, or no worker placed for
+`placement_timeout` while none is up) stops it within about two minutes with `ClusterLostError`
+(exit 69, resumable), never a silent wait: see `ray_health`. A candidate that fails by itself
+(NaN metrics, an exception while merging or scoring) comes back as an `Outcome` with its error
+and is recorded as failed, not retried. CUDA out of memory stops the study with a
+`ResourceError` that says what to reduce.
 
-Memory per worker, for a model of N parameters merged from M sources:
-- resident sources: (M + 1) x N x b_file for the base and the M sources, each in the dtype of its
-  files (M x N x b_file when the study has no base model);
-- the live model: N x b_study, b_study the bytes per weight of the study's `dtype`;
-- activations of one batch of `tasks.batch_size` sequences, and while merging a few float32
-  copies of the tensor being merged (the largest is usually the embedding).
-Example: 7B parameters, base + 3 sources in bf16 files, dtype bfloat16: 4 x 14 GB + 14 GB = 70 GB
-plus activations, one 80 GB GPU per worker (with dtype float32 the live model alone is 28 GB).
-It lives on the worker's device: GPU memory for a GPU worker, host memory for a CPU worker, and
-the host must also hold one model while it loads.
+Memory per worker: README.md, "Executors: local and Ray".
 """
 
 from __future__ import annotations
@@ -47,14 +41,27 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
+import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
 
 from evomerge.errors import ConfigError, UserError
 from evomerge.executors.base import Executor, Job, JobResult
+from evomerge.executors.ray_health import (
+    POLL_SECONDS,
+    ClusterWatch,
+    WorkersLostError,
+    WorkerSlot,
+    check_deadlines,
+    check_reachable,
+    descendants,
+    kill_orphans,
+    lost_worker_errors,
+    sigterm_as_terminated,
+)
 from evomerge.options import PluginOptions
 from evomerge.recipe import Recipe
 from evomerge.worker import Outcome, WorkerSpec
@@ -70,52 +77,41 @@ ACTOR_ENV = (
 )
 
 
-class WorkersLostError(UserError, RuntimeError):
-    """Workers died more often than the study allows: the cluster cannot keep them alive."""
-
-
 class WorkerActor:
-    """Runs inside a Ray actor: builds the Worker once, then evaluates candidates."""
+    """Runs inside a Ray actor: placed (`placed()` answers at once), then builds the Worker
+    (`ready()`, the slow part), then evaluates candidates. The two calls let the driver tell
+    an actor that no node can take (placement_timeout) from one that loads (start_timeout)."""
 
     def __init__(self, spec: WorkerSpec, env: dict[str, str], threads: int) -> None:
         os.environ.update(env)
+        self.spec, self.threads = spec, threads
+        self.worker: Any = None  # the Worker, once ready() built it
+
+    def placed(self) -> dict[str, Any]:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        return {"node": node, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def ready(self) -> dict[str, Any]:
+        """Sources resident, tasks built: a bad model or task fails here, at start. Its error
+        reaches the driver as itself (the cause of Ray's RayTaskError)."""
+        import ray
         import torch
 
         from evomerge.worker import Worker
 
-        torch.set_num_threads(threads)
-        self.worker: Worker | None = None
-        self.error: BaseException | None = None
-        try:
-            self.worker = Worker(spec)
-            self.worker.scorer("search")  # tasks built now: a bad task fails at start, not later
-        except Exception as exc:  # kept for ready(): the driver re-raises the original error
-            self.error = exc
-
-    def ready(self) -> dict[str, Any]:
-        if self.error is not None:
-            raise self.error
-        import ray
-
-        assert self.worker is not None
+        torch.set_num_threads(self.threads)
+        self.worker = Worker(self.spec)
+        self.worker.scorer("search")
         node = ray.get_runtime_context().get_node_id()
         return {"name": self.worker.name, "node": node, "load_seconds": self.worker.load_seconds}
 
-    def evaluate(self, recipe: Recipe, split: str) -> Outcome:
+    def evaluate(
+        self, recipe: Recipe, split: str, rung: int | None = None, scored: int | None = None
+    ) -> Outcome:
         assert self.worker is not None  # ready() succeeded before any job is sent
-        return self.worker.evaluate(recipe, split)
-
-
-@dataclass
-class WorkerSlot:
-    """One worker position: its current actor, whether it is up, its job and where it runs."""
-
-    actor: Any = None
-    starting: Any = None  # ObjectRef of ready() while the actor starts, else None
-    job: Job | None = None
-    ref: Any = None  # ObjectRef of the running evaluate()
-    name: str = ""  # host:pid:device of the Worker, once started
-    node: str = ""  # Ray node id, once started
+        return self.worker.evaluate(recipe, split, rung, scored)
 
 
 class RayOptions(PluginOptions):
@@ -134,7 +130,19 @@ class RayOptions(PluginOptions):
     max_replacements: int | None = Field(
         None, ge=0, description="lost actors replaced before the study stops (default 3 x workers)"
     )
-    start_timeout: float = Field(900.0, gt=0, description="seconds an actor may take to start")
+    placement_timeout: float = Field(
+        120.0,
+        gt=0,
+        description="seconds the study may go with no worker up because Ray finds no node for "
+        "one (nodes lost or busy) before it stops, resumable; at start, each worker's limit. "
+        "Raise it for an autoscaling cluster that first adds nodes",
+    )
+    start_timeout: float = Field(
+        900.0,
+        gt=0,
+        description="seconds a worker placed on a node may take to load its models and tasks "
+        "(the time before placement counts against placement_timeout)",
+    )
 
 
 class RayExecutor(Executor):
@@ -155,16 +163,20 @@ class RayExecutor(Executor):
             3 * workers if opts.max_replacements is None else opts.max_replacements
         )
         self.start_timeout = opts.start_timeout
+        self.placement_timeout = opts.placement_timeout
         self.replaced = 0  # actors lost and replaced
         self.requeued = 0  # jobs sent again after their actor died
         self._queue: deque[Job] = deque()
         self._slots: list[WorkerSlot] = []
         self._by_ref: dict[Any, WorkerSlot] = {}
         self._closed = False
+        self._pids: set[int] = set()  # actor processes of a local Ray, for kill_orphans
         if ray.is_initialized():
             self._owns = "none"  # the caller's Ray: used as is, left as is
         elif self.address:
-            ray.init(address=self.address, log_to_driver=False)
+            check_reachable(self.address)
+            with sigterm_as_terminated():
+                ray.init(address=self.address, log_to_driver=False)
             self._owns = "connection"
         else:
             self._owns = "local"
@@ -174,12 +186,17 @@ class RayExecutor(Executor):
         self.cpus = float(1 if cpus is None else cpus)
         self.threads = opts.threads or max(1, int(self.cpus))
         if self._owns == "local":
-            ray.init(
-                num_cpus=max(1, math.ceil(workers * self.cpus)),
-                include_dashboard=False,
-                log_to_driver=False,
-                object_store_memory=256 * 2**20,
-            )
+            with sigterm_as_terminated():
+                # address "local": a new Ray of our own, never one another process started here
+                ray.init(
+                    address="local",
+                    num_cpus=max(1, math.ceil(workers * self.cpus)),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    object_store_memory=256 * 2**20,
+                )
+        where = f"the Ray cluster at {self.address}" if self.address else "the local Ray"
+        self.watch = ClusterWatch(where if self._owns != "none" else "the Ray cluster")
         try:
             self.gpus = self._gpus(opts.gpus_per_worker)
             self._check_capacity()
@@ -232,7 +249,7 @@ class RayExecutor(Executor):
         return "cpu"
 
     def _start_actor(self, slot: WorkerSlot) -> WorkerSlot:
-        """A new actor in `slot`; it takes jobs once its ready() returns."""
+        """A new actor in `slot`; it takes jobs once its placed() and ready() returned."""
         slot.actor = self._remote.options(
             num_cpus=self.cpus,
             num_gpus=self.gpus,
@@ -240,9 +257,10 @@ class RayExecutor(Executor):
             max_task_retries=0,
             scheduling_strategy="SPREAD",
         ).remote(self.actor_spec, self._env, self.threads)
-        slot.starting, slot.job, slot.ref = slot.actor.ready.remote(), None, None
+        slot.placing, slot.starting = slot.actor.placed.remote(), slot.actor.ready.remote()
+        slot.job, slot.ref, slot.since = None, None, time.monotonic()
         slot.name = slot.node = ""
-        self._by_ref[slot.starting] = slot
+        self._by_ref[slot.placing] = self._by_ref[slot.starting] = slot
         return slot
 
     def wait_started(self) -> None:
@@ -250,7 +268,7 @@ class RayExecutor(Executor):
 
         Called at construction, so bad models or tasks fail before the first candidate. Job
         results that arrive meanwhile stay with their refs until the next `wait()`."""
-        while any(s.starting is not None for s in self._slots):
+        while not all(s.up for s in self._slots):
             self._poll(self._wait_any(starting_only=True), [])
 
     # -- the Executor contract -------------------------------------------------------------------
@@ -288,8 +306,12 @@ class RayExecutor(Executor):
                     ray.kill(slot.actor, no_restart=True)
         self._slots = []
         self._by_ref = {}
+        if self._owns == "local":
+            self._pids |= descendants()  # its GCS, raylet, agents, workers
         if self._owns != "none":
             ray.shutdown()  # stops a local Ray; only disconnects from a joined cluster
+        if self._owns == "local":
+            kill_orphans(self._pids)  # those whose raylet or GCS died before them
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -297,27 +319,37 @@ class RayExecutor(Executor):
         for slot in self._slots:
             if not self._queue:
                 return
-            if slot.starting is None and slot.job is None:
+            if slot.up and slot.job is None:
                 job = self._queue.popleft()
                 slot.job = job
-                slot.ref = slot.actor.evaluate.remote(job.recipe, job.split)
+                slot.ref = slot.actor.evaluate.remote(job.recipe, job.split, job.rung, job.scored)
                 self._by_ref[slot.ref] = slot
 
     def _wait_any(self, starting_only: bool = False) -> list[Any]:
-        """Refs that are done: blocks until at least one is, then takes all that are."""
+        """Refs that are done: waits until at least one is, then takes all that are. Waits in
+        slices: between them, a lost cluster or an overdue worker raises (ray_health)."""
         import ray
 
-        refs = [r for r, s in self._by_ref.items() if not starting_only or r == s.starting]
-        busy = not starting_only and any(s.job is not None for s in self._slots)
-        ready, _ = ray.wait(refs, num_returns=1, timeout=None if busy else self.start_timeout)
-        if not ready:
-            raise WorkersLostError(
-                f"no Ray worker started within {self.start_timeout:g} s ({len(refs)} waiting "
-                f"for {self.cpus:g} CPU and {self.gpus:g} GPU each): the cluster lacks free "
-                "resources; lower executor.workers or free the cluster"
+        refs = [
+            r for r, s in self._by_ref.items() if not starting_only or r in (s.placing, s.starting)
+        ]
+        while True:
+            # Before each wait, not only after an idle one: workers can go on answering for a
+            # while after the GCS is gone (Ray ends the process 60 s later). The results of the
+            # previous wait are recorded by now. Cheap: the GCS is asked in a thread.
+            self.watch.check()
+            ready, _ = ray.wait(refs, num_returns=1, timeout=POLL_SECONDS)
+            if ready:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                return ready
+            check_deadlines(
+                self._slots,
+                placement_timeout=self.placement_timeout,
+                start_timeout=self.start_timeout,
+                every_slot=starting_only,
+                need=f"{self.cpus:g} CPU and {self.gpus:g} GPU",
+                watch=self.watch,
             )
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        return ready
 
     def _poll(self, ready: list[Any], results: list[JobResult]) -> None:
         import ray
@@ -338,7 +370,12 @@ class RayExecutor(Executor):
                     raise RuntimeError(f"a Ray worker failed to start: {exc}") from exc
                 self._lost(slot, exc)
                 continue
-            if slot.starting is not None and ref == slot.starting:
+            if ref == slot.placing:
+                self._placed(slot, value)
+            elif ref == slot.starting:
+                if slot.placing is not None:  # both came back in one batch
+                    self._placed(slot, {"node": value["node"]})
+                    self._by_ref.pop(slot.placing, None)
                 slot.starting = None
                 slot.name, slot.node = value["name"], value["node"]
             else:
@@ -347,6 +384,12 @@ class RayExecutor(Executor):
                 slot.job = None
                 slot.ref = None
 
+    def _placed(self, slot: WorkerSlot, where: dict[str, Any]) -> None:
+        """The slot's actor runs on a node: from now on it is loading (start_timeout)."""
+        slot.placing, slot.node, slot.since = None, where["node"], time.monotonic()
+        if self._owns == "local" and "pid" in where:
+            self._pids.add(int(where["pid"]))
+
     def _lost(self, slot: WorkerSlot, exc: BaseException) -> None:
         """The slot's actor is gone: queue its job again, first, and start a new actor."""
         import ray
@@ -354,10 +397,11 @@ class RayExecutor(Executor):
         if slot.job is not None:
             self._queue.appendleft(slot.job)
             self.requeued += 1
-        self._by_ref.pop(slot.ref, None)
-        self._by_ref.pop(slot.starting, None)
+        for ref in (slot.ref, slot.placing, slot.starting):
+            self._by_ref.pop(ref, None)
         self.replaced += 1
         if self.replaced > self.max_replacements:
+            self.watch.check(fresh=True)  # workers die with their cluster: say that instead
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WorkersLostError(
                 f"{self.replaced} Ray workers died (at most {self.max_replacements} are replaced); "
@@ -369,17 +413,4 @@ class RayExecutor(Executor):
         self._start_actor(slot)
 
 
-def _lost_errors() -> tuple[type[BaseException], ...]:
-    import ray.exceptions as rex
-
-    return (
-        rex.RayActorError,  # ActorDiedError, ActorUnavailableError
-        rex.WorkerCrashedError,
-        rex.NodeDiedError,
-        rex.LocalRayletDiedError,
-        rex.OutOfMemoryError,  # killed by Ray's memory monitor
-        rex.ObjectLostError,  # OwnerDiedError, ObjectReconstructionFailedError, ...
-    )
-
-
-LOST = _lost_errors()
+LOST = lost_worker_errors()

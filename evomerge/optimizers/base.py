@@ -7,6 +7,10 @@ search: with the same seed and the same sequence of tells, the proposals (ids an
 same as in an uninterrupted run. Proposals asked but not told before a crash come back from
 `pending()` and are told like any other.
 
+A state that is lost or unreadable is rebuilt from the run's record of evaluations: `replay()`
+brings a fresh optimizer (same seed) to the state it had after them (`evomerge resume RUN
+--rebuild-state`, evomerge/rebuild.py).
+
 Optimizers see only `Dimension`s: a continuous range or a categorical choice (e.g. the merge
 method of a layer group). How an optimizer encodes a choice is its own business; those that only
 search continuous spaces (CMA-ES) give each choice a score in [0, 1] and decode the argmax
@@ -73,6 +77,23 @@ class Dimension:
         return min(self.high, max(self.low, self.low + float(u) * (self.high - self.low)))
 
 
+class OptimizerStateError(RunDirError):
+    """An optimizer state that is missing, empty or unreadable (rebuildable from the trials)."""
+
+
+class ReplayMismatchError(RunDirError):
+    """Recorded evaluations that a fresh optimizer does not propose again in the same way."""
+
+
+@dataclass(frozen=True)
+class Told:
+    """One recorded evaluation to replay: the proposal, its params, the values told (None: failed)."""
+
+    proposal: int
+    params: dict[str, float | str]
+    values: tuple[float, ...] | None
+
+
 @dataclass(frozen=True)
 class Proposal:
     """A candidate to evaluate. `id` counts 0, 1, 2, ... in ask order and survives save/load."""
@@ -93,6 +114,9 @@ class Optimizer(ABC):
     state_files: ClassVar[tuple[str, ...]]
     #: the options a study may set (`optimizer: {name: ..., <option>: ...}`), checked at load
     Options: ClassVar[type[PluginOptions]] = PluginOptions
+    #: True where `ask` returns None until the outstanding proposals are told (one generation
+    #: at a time): racing then races each generation as a whole (evomerge/racing.py)
+    generational: ClassVar[bool] = False
 
     @classmethod
     def parse_options(cls, options: Mapping[str, Any] | None) -> PluginOptions:
@@ -149,7 +173,9 @@ class Optimizer(ABC):
         path = self.state_dir / self.state_files[0]
         if not cls.has_state(self.state_dir):
             raise MissingPathError(f"no {cls.name} optimizer state at {path}: nothing to resume")
-        self._restore()
+        if path.is_file() and path.stat().st_size == 0:  # opening it could even write to it
+            raise OptimizerStateError(f"{path} is empty (0 bytes)")
+        self._restore()  # OptimizerStateError when the files do not hold a state
         return self
 
     def _setup(self, dims, n_objectives, seed, options, state_dir) -> None:
@@ -185,9 +211,38 @@ class Optimizer(ABC):
         for key, value in now.items():
             if saved.get(key) != value:
                 raise ConfigError(
-                    f"{where}: the run was started with {key} = {saved.get(key)!r}, now "
-                    f"{value!r}; resume with the run's own study.yaml or start a new run"
+                    f"{where}: the run was started with {_change(key, saved.get(key), value)}; "
+                    "resume with the run's own study.yaml or start a new run"
                 )
+
+    def replay(self, history: Sequence[Told]) -> None:
+        """Bring this fresh optimizer to the state it had after `history`, the recorded
+        evaluations in the order they were told: ask until each recorded proposal comes back,
+        check that it is the one recorded, tell its values. Proposals asked and never recorded
+        (in flight at a crash) stay pending, to be evaluated again.
+
+        Exact for an optimizer whose proposals follow from its seed and the values told, in
+        whatever order they were told among those outstanding (cma: within a generation).
+        ReplayMismatchError when a proposal differs from the record (another seed, space or
+        version of the optimizer, or an order of asks and tells that cannot be recovered)."""
+        asked: dict[int, Proposal] = {}
+        told: set[int] = set()
+        for t in history:
+            if t.proposal in told:
+                raise ReplayMismatchError(f"proposal {t.proposal} is recorded twice")
+            while t.proposal not in asked:
+                prop = self.ask()
+                if prop is None or prop.id > t.proposal:
+                    raise ReplayMismatchError(
+                        f"proposal {t.proposal} was recorded, but the replay never proposes it"
+                        f" ({'it waits for tells never recorded' if prop is None else 'ids differ'})"
+                    )
+                asked[prop.id] = prop
+            diff = params_difference(asked[t.proposal].params, t.params)
+            if diff:
+                raise ReplayMismatchError(f"proposal {t.proposal}: {diff}")
+            self.tell(t.proposal, t.values)
+            told.add(t.proposal)
 
     @abstractmethod
     def _start(self, x0: Params | None) -> None:
@@ -236,6 +291,38 @@ class Optimizer(ABC):
                 f"{self.n_objectives} (one per objective)"
             )
         return vals if all(math.isfinite(v) for v in vals) else None
+
+
+def params_difference(replayed: Mapping[str, Any], recorded: Mapping[str, Any]) -> str | None:
+    """The first parameter where a replayed proposal differs from the recorded one, in words."""
+    for name in [*recorded, *(k for k in replayed if k not in recorded)]:
+        a, b = replayed.get(name), recorded.get(name)
+        same = a == b
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            same = math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+        if not same:
+            return f"the replay proposes {name} = {a!r}, trials.jsonl records {b!r}"
+    return None
+
+
+def _change(key: str, old: Any, new: Any) -> str:
+    """What changed in a signature, short: dimension counts and the first name that differs."""
+    if key == "dims" and isinstance(old, list) and isinstance(new, list):
+        first = next(
+            (i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
+            min(len(old), len(new)),
+        )
+        name = (new[first] if first < len(new) else old[first]).get("name")
+        return (
+            f"another search space (dims: {len(old)} then, {len(new)} now; "
+            f"the first that differs: {name!r})"
+        )
+
+    def short(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    return f"{key} = {short(old)}, now {short(new)}"
 
 
 def check_x0(dims: Sequence[Dimension], x0: Mapping[str, float | str] | None) -> Params | None:

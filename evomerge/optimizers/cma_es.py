@@ -57,6 +57,7 @@ from evomerge.optimizers.base import (
     X0_OTHER,
     Dimension,
     Optimizer,
+    OptimizerStateError,
     Params,
     Proposal,
     argmax_choice,
@@ -137,6 +138,7 @@ class CMAOptimizer(Optimizer):
 
     name = "cma"
     state_files = ("optimizer.pkl",)
+    generational = True
     Options = CMAOptions
 
     def _start(self, x0: Params | None) -> None:
@@ -291,22 +293,36 @@ class CMAOptimizer(Optimizer):
 
     def _restore(self) -> None:
         path = self.state_dir / self.state_files[0]
-        with open(path, "rb") as f:
-            state = pickle.load(f)
+        try:  # garbage makes pickle raise nearly anything (UnpicklingError, EOFError, KeyError...)
+            with open(path, "rb") as f:
+                state = pickle.load(f)
+        except Exception as exc:
+            raise OptimizerStateError(f"{path} is not a readable cma state ({_why(exc)})") from None
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ConfigError(f"{path} is not an evomerge cma state (format {_FORMAT})")
-        self.check_signature(state["signature"], path)
+            raise OptimizerStateError(f"{path} is not an evomerge cma state (format {_FORMAT})")
+        self.check_signature(state.get("signature", {}), path)
         import cma
 
         self._codec = Codec(self.dims)
         self._bt = cma.BoundTransform([0, 1])
-        self._es = pickle.loads(state["es"])
-        _rekey_solution_archives(self._es)
-        for key in (
+        keys = (
             "np_state", "sigma0", "cma_opts", "x0", "restarts", "members", "first_id",
             "handed", "told", "next_id", "generation", "best", "worst",
-        ):  # fmt: skip
-            setattr(self, f"_{key}", state[key])
+        )  # fmt: skip
+        try:
+            es = pickle.loads(state["es"])
+            values = {key: state[key] for key in keys}
+        except Exception as exc:
+            raise OptimizerStateError(f"{path} holds a damaged cma state ({_why(exc)})") from None
+        self._es = es
+        _rekey_solution_archives(self._es)
+        for key, value in values.items():
+            setattr(self, f"_{key}", value)
+
+
+def _why(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _rekey_solution_archives(es: Any) -> None:

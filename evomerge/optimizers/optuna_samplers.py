@@ -24,6 +24,17 @@ Categoricals. TPE, NSGA-II and random sample them natively. CmaEsSampler does no
 to random sampling), so `optuna_cmaes` encodes each choice as a float score in [0, 1] named
 `<dimension>[<choice>]` and decodes the argmax, like `cma`.
 
+Rebuild (`resume --rebuild-state`, when optuna.db is lost or unreadable): `replay` runs the
+sampler again over a fresh study, asking and telling in the order trials.jsonl recorded: when
+every proposal comes back as recorded (always with one worker), the database is the run's, the
+samplers' system attributes included (CmaEsSampler's search distribution, NSGA-II's
+generations), and the search continues exactly. Otherwise (several workers, whose asks and tells
+interleaved in an order trials.jsonl does not keep) the told history is added instead: the same
+trial numbers, params and values (or FAIL), so TPE and random, which read only the trials,
+propose from the same history; CmaEsSampler and NSGA-II start their generations afresh from
+there, and `optuna_cmaes` sees each recorded method choice as the scores 0.6/0.4, not the scores
+it drew. Either way, proposals in flight at the crash are asked again.
+
 Warm start: `x0` is enqueued as the first trial (for `optuna_cmaes` the chosen option's score is
 0.6, the others 0.4). Options are passed to the sampler's constructor (e.g. `n_startup_trials`,
 `multivariate`, `popsize`, `population_size`); `seed` comes from the study.
@@ -39,15 +50,18 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import model_validator
 
-from evomerge.errors import ConfigError
 from evomerge.optimizers.base import (
     X0_CHOSEN,
     X0_OTHER,
     Optimizer,
+    OptimizerStateError,
     Params,
     Proposal,
+    ReplayMismatchError,
+    Told,
     argmax_choice,
     choice_scores,
+    params_difference,
 )
 from evomerge.options import PluginOptions
 
@@ -170,16 +184,26 @@ class OptunaOptimizer(Optimizer):
             sampler=self._sampler_for(0),
         )
         self._study.set_user_attr(_SIGNATURE_ATTR, self.signature())
+        self._x0 = x0  # for a replay that starts over (replay)
         if x0:
             self._study.enqueue_trial(self._encode(x0))
         self._numbers: list[int] = []  # proposal id -> Optuna trial number
 
     def _restore(self) -> None:
-        optuna = self._open()
+        from sqlalchemy.exc import SQLAlchemyError
+
         try:
+            optuna = self._open()
             self._study = optuna.load_study(study_name=STUDY_NAME, storage=self._rdb)
         except KeyError:
-            raise ConfigError(f"{self.db_path} holds no study named {STUDY_NAME!r}") from None
+            raise OptimizerStateError(
+                f"{self.db_path} holds no study named {STUDY_NAME!r}"
+            ) from None
+        except SQLAlchemyError as exc:  # "file is not a database", "disk image is malformed"
+            why = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise OptimizerStateError(
+                f"{self.db_path} is not a readable database ({why})"
+            ) from None
         self.check_signature(self._study.user_attrs.get(_SIGNATURE_ATTR, {}), self.db_path)
         state = optuna.trial.TrialState
         trials = self._study.get_trials(deepcopy=False)
@@ -195,6 +219,47 @@ class OptunaOptimizer(Optimizer):
             if t.state != state.WAITING and self._whole(t)
         ]
         self._numbers = sorted(t.number for t in handed_out)
+
+    def replay(self, history: Sequence[Told]) -> None:
+        """Rebuild this fresh study from `history` (module docstring: Rebuild). First the
+        sampler's own asks and tells, in the recorded order: exact, the sampler's attributes
+        included, whenever the proposals come back as recorded (always with one worker). If one
+        does not (asks and tells of several workers interleaved otherwise), the study starts
+        over and the history is added with each trial's params fixed (`_add_history`)."""
+        try:
+            super().replay(history)
+        except ReplayMismatchError:
+            optuna = _optuna()
+            optuna.delete_study(study_name=STUDY_NAME, storage=self._rdb)
+            self._rdb.engine.dispose()
+            self._start(self._x0)
+            self._add_history(history)
+
+    def _add_history(self, history: Sequence[Told]) -> None:
+        """In proposal order, each recorded proposal becomes a trial with its params fixed, told
+        its values or FAIL; a proposal with no record (in flight at a crash) is asked afresh at
+        its place and stays pending. The warm start, still enqueued, is proposal 0 and is
+        checked against it. Samplers skip their own logic for a trial whose params are all
+        fixed, so what CmaEsSampler and NSGA-II keep in system attributes starts afresh."""
+        from optuna.trial import TrialState
+
+        by_id: dict[int, Told] = {}
+        for t in history:
+            if t.proposal in by_id:
+                raise ReplayMismatchError(f"proposal {t.proposal} is recorded twice")
+            by_id[t.proposal] = t
+        for pid in range(max(by_id, default=-1) + 1):
+            t = by_id.get(pid)
+            if t is None:
+                self.ask()
+                continue
+            if not self._study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                self._study.enqueue_trial(self._encode(t.params))
+            prop = self.ask()
+            diff = params_difference(prop.params, t.params)
+            if diff:
+                raise ReplayMismatchError(f"proposal {pid}: {diff}")
+            self.tell(pid, t.values)
 
     def _delete_last_trial(self, number: int) -> bool:
         """Remove trial `number` (the study's last) and everything attached to it, as if its ask

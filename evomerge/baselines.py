@@ -21,12 +21,13 @@ from __future__ import annotations
 import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from evomerge.items import ItemScores
 from evomerge.recipe import Recipe, Section
 from evomerge.report_model import Kind, PrimaryMetric, ReportRow, Split
-from evomerge.worker import WorkerSpec
+from evomerge.worker import Outcome, WorkerSpec
 
 TIES_DENSITY = 0.5
 
@@ -142,6 +143,8 @@ class Tables:
     primary: dict[Split, dict[str, PrimaryMetric]]  # split -> task -> its primary metric
     greedy_soup: tuple[str, ...]
     notes: tuple[str, ...]
+    # split -> per row (in the order of its table) the items it was scored on; None: it failed
+    items: dict[Split, tuple[ItemScores | None, ...]] = field(default_factory=dict)
 
 
 def score_baselines(
@@ -179,31 +182,41 @@ def score_baselines(
         raise
     keys = {sp: {t: pm.metric for t, pm in primary[sp].items()} for sp in splits}
     scored: dict[str, dict[str, tuple[Any, str | None]]] = {sp: {} for sp in splits}
-    by_recipe: dict[tuple[str, str], tuple[Any, str | None]] = {}
+    items: dict[str, dict[str, ItemScores | None]] = {sp: {} for sp in splits}
+    by_recipe: dict[tuple[str, str], Outcome] = {}
 
-    def score(recipe: Recipe, label: str, split: str) -> tuple[Any, str | None]:
+    def outcome(recipe: Recipe, label: str, split: str) -> Outcome:
         key = (recipe.content_hash(), split)
         if key not in by_recipe:
             bar.label(f"scoring {label} ({split})")
-            out = worker.evaluate(recipe, split)
-            by_recipe[key] = (out.scores, out.error)
+            by_recipe[key] = worker.evaluate(recipe, split)
             bar.step()
         return by_recipe[key]
+
+    def score(recipe: Recipe, label: str, split: str) -> tuple[Any, str | None]:
+        out = outcome(recipe, label, split)
+        return out.scores, out.error
+
+    def keep(split: str, name: str, recipe: Recipe) -> None:
+        out = outcome(recipe, name, split)
+        scored[split][name] = (out.scores, out.error)
+        items[split][name] = out.items if out.error is None else None
 
     try:
         for sp in splits:
             for b in rows:
-                scored[sp][b.name] = score(b.recipe, b.name, sp)
+                keep(sp, b.name, b.recipe)
         members = greedy_soup(evolved, sources, search_key, lambda r, n: score(r, n, "search"))
         soup = soup_recipe(evolved, members)
         soup_name = f"greedy soup ({', '.join(members)})"
         for sp in splits:
-            scored[sp][soup_name] = score(soup, soup_name, sp)
+            keep(sp, soup_name, soup)
         rows.append(Baseline(soup_name, "greedy_soup", soup))
         ens_name = f"output ensemble ({len(sources)} parents)"
         for sp in splits:
             bar.label(f"scoring {ens_name} ({sp})")
-            scored[sp][ens_name] = _score_ensemble(worker, evolved, sources, sp)
+            metrics, error, items[sp][ens_name] = _score_ensemble(worker, evolved, sources, sp)
+            scored[sp][ens_name] = (metrics, error)
             bar.step()
     finally:
         bar.close()
@@ -213,7 +226,12 @@ def score_baselines(
         for sp in splits
     }
     return Tables(
-        tables["search"], tables.get("heldout", ()), primary, tuple(members), tuple(notes)
+        tables["search"],
+        tables.get("heldout", ()),
+        primary,
+        tuple(members),
+        tuple(notes),
+        {sp: tuple(items[sp][b.name] for b in rows) for sp in splits},
     )
 
 
@@ -243,7 +261,7 @@ def greedy_soup(
 
 def _score_ensemble(
     worker: Any, like: Recipe, sources: Sequence[str], split: str
-) -> tuple[Any, str | None]:
+) -> tuple[Any, str | None, ItemScores | None]:
     from evomerge.ensemble import EnsembleForCausalLM
     from evomerge.errors import CandidateError
     from evomerge.scoring import Scorer
@@ -254,6 +272,7 @@ def _score_ensemble(
     settings = worker.spec.scoring if split == "search" else worker.spec.heldout
     try:
         scorer = Scorer(ensemble, worker.tokenizer, settings, fitness=False)
-        return scorer.score().metrics, None
+        result = scorer.score()
+        return result.metrics, None, result.items
     except CandidateError as exc:
-        return None, str(exc)
+        return None, str(exc), None

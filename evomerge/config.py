@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import ConfigError
 from evomerge.executors import EXECUTORS
+from evomerge.fidelity import FitnessConfig
 from evomerge.objective import ObjectiveConfig
 from evomerge.optimizers import OPTIMIZERS
 from evomerge.scoring.config import ScoringSettings
@@ -138,10 +139,13 @@ class OptimizerConfig(_PluginSection):
 
 class BudgetConfig(_Frozen):
     max_trials: int = Field(
-        50, ge=1, description="evaluations in total (resume counts what is done)"
+        50, ge=1, description="candidates in total (resume counts what is done)"
     )
     max_seconds: float | None = Field(
         None, gt=0, description="wall-clock limit of one run or resume"
+    )
+    max_items: int | None = Field(
+        None, ge=1, description="fitness items scored in total, over every candidate and rung"
     )
 
 
@@ -161,6 +165,7 @@ class StudyConfig(_Frozen):
     search_space: dict[str, Any] = Field(description="{preset: NAME, ...inline overrides}")
     tasks: TasksConfig
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    fitness: FitnessConfig = Field(default_factory=FitnessConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
@@ -178,6 +183,15 @@ class StudyConfig(_Frozen):
             raise ValueError(f"name {v!r} must be a plain folder name")
         return v
 
+    @model_validator(mode="after")
+    def _racing_ranks_one_fitness(self) -> StudyConfig:
+        if self.fitness.racing and self.objective.multi:
+            raise ValueError(
+                "fitness.fidelity racing ranks candidates on one fitness; objective.multi "
+                "needs fidelity: full"
+            )
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, width=120)
 
@@ -187,7 +201,15 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a study config must be a mapping")
-    for dotted, value in (overrides or {}).items():
+    apply_overrides(data, overrides or {}, str(path))
+    base_dir = Path(path).resolve().parent
+    _absolutize(data, base_dir)
+    return parse_study(data, str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], where: str) -> None:
+    """Set dotted keys (`budget.max_trials`) in a parsed study, making missing sections."""
+    for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for i, p in enumerate(parents):
@@ -195,12 +217,9 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
                 node[p] = {}
             if not isinstance(node[p], dict):
                 section = ".".join(parents[: i + 1])
-                raise ConfigError(f"{path}: cannot set {dotted}: {section} is not a section")
+                raise ConfigError(f"{where}: cannot set {dotted}: {section} is not a section")
             node = node[p]
         node[leaf] = value
-    base_dir = Path(path).resolve().parent
-    _absolutize(data, base_dir)
-    return parse_study(data, str(path))
 
 
 def parse_study(data: dict[str, Any], where: str) -> StudyConfig:

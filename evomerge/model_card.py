@@ -48,6 +48,10 @@ def model_card(report: Report, recipe: Recipe, mk_reason: str | None, files: lis
     base = f"- base: `{run.models.base}`\n" if run.models.base else ""
     sources = "".join(f"- `{name}`: `{path}`\n" for name, path in run.models.sources.items())
     fitness = ", ".join(f"{n} = {v:.4f}" for n, v in zip(run.objectives, tr.fitness, strict=False))
+    fit = report.search_fitness
+    if fit is not None and fit.remeasured is not None:
+        again = " / ".join(f"{v:.4f}" for v in fit.remeasured)
+        fitness += f" as the study recorded it; {again} re-measured on every search item"
     scores = "".join(
         f"| {t} | {k} | {v:.4f} |\n" for t, m in tr.scores.items() for k, v in m.items()
     )

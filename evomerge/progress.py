@@ -28,7 +28,7 @@ class StudyProgress:
         )
 
         self._bar = Progress(
-            TextColumn("[bold]trials"),
+            TextColumn("[bold]candidates"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("best {task.fields[best]}"),
@@ -40,9 +40,10 @@ class StudyProgress:
         self._bar.start()
         self._task = self._bar.add_task("study", total=total, completed=done, best=_fmt(best))
 
-    def update(self, record: Any, best: Any) -> None:
+    def update(self, done: int, best: Any) -> None:
+        """`done` candidates so far (a racing candidate's rungs count once)."""
         if self._bar is not None:
-            self._bar.update(self._task, advance=1, best=_fmt(best))
+            self._bar.update(self._task, completed=done, best=_fmt(best))
 
     def close(self) -> None:
         if self._bar is not None:

@@ -2,8 +2,11 @@
 baselines), built as a typed `Report` (evomerge.report_model) that report.json serializes.
 
 `open_run` opens and validates a run directory once; `build_report` scores the baselines table
-(evomerge.baselines) or reuses the one cached in RUN_DIR/report/ (evomerge.report_cache). The
-text forms are in evomerge.report_table, the model card in evomerge.model_card.
+(evomerge.baselines) or reuses the one cached in RUN_DIR/report/ (evomerge.report_cache), gives
+every row a paired bootstrap interval against the evolved row on the same items
+(evomerge.report_compare), and sets the winner's recorded search fitness beside the report's own
+full-fidelity re-measurement of it. The text forms are in evomerge.report_table, the model card
+in evomerge.model_card.
 """
 
 from __future__ import annotations
@@ -11,27 +14,33 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge import __version__
 from evomerge.errors import ConfigError, RunDirError
+from evomerge.items import ItemScores
 from evomerge.recipe import Recipe
-from evomerge.report_cache import fingerprint, read_cached
+from evomerge.report_cache import fingerprint, read_cached, read_items, write_items
 from evomerge.report_model import (
     ModelsSummary,
     OptimizerSummary,
+    PrimaryMetric,
     Report,
+    ReportRow,
     RunSummary,
+    SearchFitness,
     SpaceSummary,
+    Split,
     TopTrial,
     TrialSummary,
 )
 from evomerge.runstore import RunStore, TrialRecord, best_trial
 
 if TYPE_CHECKING:
+    from evomerge.baselines import Tables
     from evomerge.config import StudyConfig
     from evomerge.study_plan import StudyPlan
 
@@ -186,12 +195,45 @@ def _search_key(view: RunView) -> Callable[[Mapping[str, Mapping[str, float]]], 
 
 def _cached_table(cached: Report) -> dict[str, Any]:
     """The fields of a cached report that hold the scored table (and its notes)."""
-    keys = ("scored", "heldout", "search", "primary_metrics", "greedy_soup", "notes", "seconds")
-    return {k: getattr(cached, k) for k in keys}
+    keys = ("scored", "heldout", "search", "primary_metrics", "greedy_soup", "comparison")
+    return {k: getattr(cached, k) for k in (*keys, "notes", "seconds")}
 
 
-def _score_table(view: RunView, progress: bool) -> dict[str, Any]:
-    """Score the evolved recipe and the baselines on both splits: the report's table fields."""
+def _compared(
+    search: Sequence[ReportRow],
+    heldout: Sequence[ReportRow],
+    primary: Mapping[Split, Mapping[str, PrimaryMetric]],
+    items: Mapping[Split, Sequence[ItemScores | None]],
+) -> dict[str, Any]:
+    """The rows with their intervals against the evolved row, and the comparison."""
+    from evomerge.report_compare import compare_tables
+
+    rows, comparison = compare_tables(
+        {"search": search, "heldout": heldout},
+        items,
+        {sp: {t: pm.metric for t, pm in per.items()} for sp, per in primary.items()},
+    )
+    return {"search": rows["search"], "heldout": rows["heldout"], "comparison": comparison}
+
+
+def _from_cache(view: RunView, cached: Report, heldout: bool) -> dict[str, Any] | None:
+    """The cached table; its intervals recomputed from items.npz when they were computed
+    otherwise (or not at all: an earlier version). None: score again (`heldout`) instead of
+    showing a table without them."""
+    from evomerge.report_compare import settings
+
+    table = _cached_table(cached)
+    if cached.comparison is not None and cached.comparison.same_settings(settings()):
+        return table
+    items = read_items(view.store.dir, cached)
+    if items is not None:
+        return {**table, **_compared(cached.search, cached.heldout, cached.primary_metrics, items)}
+    return None if heldout else table
+
+
+def _score_table(view: RunView, progress: bool) -> tuple[dict[str, Any], Tables]:
+    """Score the evolved recipe and the baselines on both splits: the report's table fields,
+    and the scored tables (with their items)."""
     from evomerge.baselines import score_baselines
 
     t0 = time.perf_counter()
@@ -208,13 +250,35 @@ def _score_table(view: RunView, progress: bool) -> dict[str, Any]:
         notes.append(NO_HELDOUT)
     return {
         "scored": True,
-        "heldout": tables.heldout,
-        "search": tables.search,
         "primary_metrics": tables.primary,
         "greedy_soup": tables.greedy_soup,
+        **_compared(tables.search, tables.heldout, tables.primary, tables.items),
         "notes": tuple(notes),
         "seconds": round(time.perf_counter() - t0, 2),
-    }
+    }, tables
+
+
+def search_fitness(view: RunView, search: Sequence[ReportRow]) -> SearchFitness | None:
+    """The trial's recorded fitness beside the same fitness computed from the report's own
+    scoring of the evolved model on every search item (the full-fidelity re-measurement)."""
+    from evomerge.errors import CandidateError
+
+    evolved = next((r for r in search if r.kind == "evolved"), None)
+    if evolved is None:
+        return None
+    try:
+        remeasured = (
+            None if evolved.metrics is None else view.plan.objective.evaluate(evolved.metrics)
+        )
+    except CandidateError:
+        remeasured = None
+    return SearchFitness(
+        trial=view.record.trial,
+        trials=sum(1 for r in view.records if r.status == "ok" and r.ok),
+        fidelity=view.config.fitness.fidelity,
+        recorded=tuple(view.record.fitness or ()),
+        remeasured=remeasured,
+    )
 
 
 def report_fingerprint(view: RunView) -> str:
@@ -225,7 +289,8 @@ def report_fingerprint(view: RunView) -> str:
 def build_report(
     view: RunView, *, heldout: bool = True, progress: bool = True, use_cache: bool = True
 ) -> Report:
-    """The report of the view's trial. With `heldout`, scores (or reuses) the baselines table."""
+    """The report of the view's trial. With `heldout`, scores (or reuses) the baselines table;
+    a table scored here leaves its rows' item values in RUN_DIR/report/items.npz."""
     fp = report_fingerprint(view)
     head = {
         "evomerge_version": __version__,
@@ -236,11 +301,16 @@ def build_report(
         "fingerprint": fp,
     }
     cached = read_cached(view.store.dir, fp) if use_cache else None
-    if cached is not None:
-        return Report(**head, **_cached_table(cached), cached=True)
+    table = None if cached is None else _from_cache(view, cached, heldout)
+    if table is not None:
+        fit = search_fitness(view, table["search"])
+        return Report(**head, **table, search_fitness=fit, cached=True)
     if not heldout:
         return Report(**head, notes=(NOT_COMPUTED,))
-    return Report(**head, **_score_table(view, progress))
+    table, tables = _score_table(view, progress)
+    report = Report(**head, **table, search_fitness=search_fitness(view, table["search"]))
+    write_items(view.store.dir, report, tables.items)
+    return report
 
 
 def report_plots(view: RunView) -> dict[str, bytes]:

@@ -4,8 +4,9 @@ card read back, so no reader indexes a dict by string keys.
 DESIGN.md's contract: `heldout` and `search` are lists of rows `{name, kind, mean, tasks}`, `kind`
 one of `KINDS`, `mean` the mean of the tasks' primary metrics. The models serialize to exactly
 the keys, key order and values report.json has always had: keys that are optional there (a row's
-`metrics` and `error`, the report's `seconds` and `cached`) are left out when unset, never
-written as null, and options of the optimizer stay flat beside its name.
+`metrics`, `error` and `vs_evolved`, the report's `comparison`, `search_fitness`, `seconds` and
+`cached`) are left out when unset, never written as null, and options of the optimizer stay flat
+beside its name; a report.json written before a key existed reads back and writes unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ def _omit(data: dict[str, Any], unset: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in unset or v is not unset[k]}
 
 
+class VsEvolved(_Frozen):
+    """This row's mean minus the evolved row's, over the same items, with a paired bootstrap
+    confidence interval (evomerge.bootstrap); `significant`: the interval excludes 0."""
+
+    diff: float
+    ci: tuple[float, float]
+    significant: bool
+
+
 class ReportRow(_Frozen):
     """One model on one split: the primary metric per task and their mean."""
 
@@ -41,10 +51,11 @@ class ReportRow(_Frozen):
     tasks: dict[str, float | None]
     metrics: Scores | None = None  # every metric it was scored on; None: it was not scored
     error: str | None = None  # why it failed
+    vs_evolved: VsEvolved | None = None  # None: the evolved row itself, or not comparable
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _omit(handler(self), {"metrics": None, "error": None})
+        return _omit(handler(self), {"metrics": None, "error": None, "vs_evolved": None})
 
     def value(self, task: str | None) -> float | None:
         """The task's primary metric, or (task None) the mean."""
@@ -117,6 +128,33 @@ class TrialSummary(_Frozen):
     is_best: bool
 
 
+class Comparison(_Frozen):
+    """How the rows' `vs_evolved` intervals were computed, over how many items per split, and
+    why a split or a row has none (a split missing from `items` has none)."""
+
+    method: str = "paired bootstrap, items resampled within each task"
+    confidence: float
+    resamples: int
+    seed: int
+    items: dict[Split, int] = {}
+    notes: tuple[str, ...] = ()
+
+    def same_settings(self, other: Comparison) -> bool:
+        keys = ("method", "confidence", "resamples", "seed")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
+
+
+class SearchFitness(_Frozen):
+    """The chosen trial's fitness as the study recorded it (the best of `trials` noisy, possibly
+    subset, scores is biased upward) and re-measured on every search item by the report."""
+
+    trial: int
+    trials: int  # successful trials the best was chosen from
+    fidelity: str  # the study's fitness.fidelity: with racing a score may come from a subset
+    recorded: tuple[float, ...]
+    remeasured: tuple[float, ...] | None  # None: the evolved model failed when re-scored
+
+
 class Report(_Frozen):
     """report.json. `scored` is False until the baselines table is computed (or read from the
     cache, then `cached` is True); `seconds` is how long scoring it took."""
@@ -133,13 +171,16 @@ class Report(_Frozen):
     search: tuple[ReportRow, ...] = ()
     primary_metrics: dict[Split, dict[str, PrimaryMetric]] = {}
     greedy_soup: tuple[str, ...] = ()
+    comparison: Comparison | None = None  # None: written before item-level comparisons
+    search_fitness: SearchFitness | None = None
     notes: tuple[str, ...] = ()
     seconds: float | None = None
     cached: bool = False
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _omit(handler(self), {"seconds": None, "cached": False})
+        unset = {"comparison": None, "search_fitness": None, "seconds": None, "cached": False}
+        return _omit(handler(self), unset)
 
     def rows(self, split: Split) -> tuple[ReportRow, ...]:
         return self.heldout if split == "heldout" else self.search

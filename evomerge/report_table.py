@@ -15,6 +15,64 @@ CAPTION = (
     "M x the inference cost)."
 )
 
+SIGNIFICANT = "†"  # the interval of a difference excludes 0
+
+
+def comparison_caption(report: Report) -> str:
+    """What the `vs evolved` column means; empty when the report has none."""
+    cmp = report.comparison
+    if cmp is None or _compared_split(report) is None:
+        return ""  # an earlier report, or no row with an interval
+    return (
+        f" vs evolved = the row's mean minus the evolved model's, on the same items, with its "
+        f"{cmp.confidence:.0%} confidence interval (paired bootstrap, {cmp.resamples} resamples "
+        f"of the items within each task); {SIGNIFICANT} = the interval excludes 0 (a "
+        "significant difference)."
+    )
+
+
+def search_fitness_line(report: Report) -> str | None:
+    """The winner's recorded search fitness beside its re-measurement on every search item."""
+    fit = report.search_fitness
+    if fit is None:
+        return None
+
+    def values(v: tuple[float, ...]) -> str:
+        return " / ".join(f"{x:.4f}" for x in v)
+
+    chosen = f"{'the' if report.trial.is_best else 'not the'} best of {fit.trials} trials"
+    subset = ", racing: it may rest on a subset of the items" if fit.fidelity == "racing" else ""
+    again = (
+        "failed when re-measured"
+        if fit.remeasured is None
+        else f"re-measured {values(fit.remeasured)} on every search item"
+    )
+    return (
+        f"search fitness: recorded {values(fit.recorded)} (trial {fit.trial}, {chosen}{subset}), "
+        f"{again} (the best of many noisy scores is biased upward; held-out is not)"
+    )
+
+
+def _compared_split(report: Report) -> Split | None:
+    """The split whose `vs evolved` column the table shows: the first shown (held-out when
+    there is one), if its rows have intervals."""
+    splits = [sp for sp in ("heldout", "search") if report.rows(sp)]
+    if report.comparison and splits and any(r.vs_evolved for r in report.rows(splits[0])):
+        return splits[0]
+    return None
+
+
+def _vs_cell(row: ReportRow | None) -> str:
+    """'ref' for the evolved row itself, '-' where there is no interval."""
+    if row is not None and row.kind == "evolved":
+        return "ref"
+    vs = None if row is None else row.vs_evolved
+    if vs is None:
+        return "-"
+    low, high = vs.ci
+    return f"{vs.diff:+.3f} [{low:+.3f}, {high:+.3f}]" + (SIGNIFICANT if vs.significant else "")
+
+
 Column = tuple[Split, str | None, bool]  # split, task (None: the mean), higher is better
 
 
@@ -56,13 +114,19 @@ def _best(
 def table_cells(report: Report) -> tuple[list[str], list[list[str]], list[str]]:
     """(header, rows, footnotes) of the side-by-side table: held-out columns, then search.
 
-    '*' marks the best single model per column (the ensemble is a reference, not a merge).
+    '*' marks the best single model per column (the ensemble is a reference, not a merge);
+    a `vs evolved` column follows the first split's columns when its rows have intervals.
     """
     splits: list[Split] = [sp for sp in ("heldout", "search") if report.rows(sp)]
     header, cols = _columns(report, splits)
     by_name = {sp: {r.name: r for r in report.rows(sp)} for sp in splits}
     names = [r.name for r in report.rows(splits[0])] if splits else []
     best = _best(cols, names, by_name)
+    vs_split = _compared_split(report)
+    vs_at = 2 + sum(1 for sp, _, _ in cols if sp == vs_split)  # after that split's columns
+    if vs_split is not None and report.comparison is not None:
+        label = "held-out" if vs_split == "heldout" else "search"
+        header.insert(vs_at, f"{label}: vs evolved ({report.comparison.confidence:.0%} CI)")
     rows, notes = [], []
     for n in names:
         row = [n, by_name[splits[0]][n].kind]
@@ -71,6 +135,8 @@ def table_cells(report: Report) -> tuple[list[str], list[list[str]], list[str]]:
             v = r.value(task) if r else None
             mark = "*" if r and v is not None and r.kind != "ensemble" and v == best.get(i) else ""
             row.append(_fmt(v) + mark)
+        if vs_split is not None:
+            row.insert(vs_at, _vs_cell(by_name[vs_split].get(n)))
         rows.append(row)
         notes += [
             f"{n} failed on the {sp} tasks: {r.error}"
@@ -78,6 +144,10 @@ def table_cells(report: Report) -> tuple[list[str], list[list[str]], list[str]]:
             if (r := by_name[sp].get(n)) and r.error
         ]
     return header, rows, notes
+
+
+def _comparison_notes(report: Report) -> tuple[str, ...]:
+    return () if report.comparison is None else report.comparison.notes
 
 
 def format_heldout_table(report: Report) -> str:
@@ -108,8 +178,10 @@ def format_heldout_table(report: Report) -> str:
         force_jupyter=False,  # text, also inside a notebook
     )
     console.print(table)
-    console.print(CAPTION)
-    for note in [*notes, *report.notes]:
+    console.print(CAPTION + comparison_caption(report))
+    if (line := search_fitness_line(report)) is not None:
+        console.print(line)
+    for note in [*notes, *report.notes, *_comparison_notes(report)]:
         console.print(f"note: {note}")
     return buf.getvalue().rstrip() + "\n"
 
@@ -121,8 +193,10 @@ def markdown_heldout_table(report: Report) -> str:
     header, rows, notes = table_cells(report)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", CAPTION]
-    lines += [f"\nNote: {n}" for n in [*notes, *report.notes]]
+    lines += ["", CAPTION + comparison_caption(report)]
+    if (line := search_fitness_line(report)) is not None:
+        lines += ["", line]
+    lines += [f"\nNote: {n}" for n in [*notes, *report.notes, *_comparison_notes(report)]]
     return "\n".join(lines) + "\n"
 
 

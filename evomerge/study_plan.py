@@ -61,7 +61,7 @@ class StudyPlan:
         )
 
 
-def build_plan(config: StudyConfig, *, check_tasks: bool = True) -> StudyPlan:
+def build_plan(config: StudyConfig) -> StudyPlan:
     """All user errors surface here: models, space versus models, tasks and metrics, options."""
     from evomerge.checkpoint import CheckpointReader
     from evomerge.optimizers.base import check_x0
@@ -84,13 +84,11 @@ def build_plan(config: StudyConfig, *, check_tasks: bool = True) -> StudyPlan:
         x0 = warm_start_genome(space, config.warm_start)
     scoring = config.tasks.settings("search")
     heldout = config.tasks.settings("heldout")
-    catalog: dict[str, Any] = {}
-    if check_tasks:
-        from evomerge.scoring import describe_tasks
+    from evomerge.scoring import describe_tasks
 
-        catalog = describe_tasks(scoring)
-        if heldout:
-            describe_tasks(heldout)
+    catalog = describe_tasks(scoring)
+    if heldout:
+        describe_tasks(heldout)
     objective = Objective(config.objective, catalog)
     optimizer_class = OPTIMIZERS.get(config.optimizer.name, where="optimizer.name")
     optimizer_class.parse_options(config.optimizer.options)
@@ -98,7 +96,13 @@ def build_plan(config: StudyConfig, *, check_tasks: bool = True) -> StudyPlan:
     check_x0(space.dimensions(), x0)
     executor_class = EXECUTORS.get(config.executor.kind, where="executor.kind")
     spec = WorkerSpec(
-        models=model_set, device=config.device, dtype=config.dtype, scoring=scoring, heldout=heldout
+        models=model_set,
+        device=config.device,
+        dtype=config.dtype,
+        scoring=scoring,
+        heldout=heldout,
+        fitness=config.fitness,
+        seed=config.seed,
     )
     return StudyPlan(
         config=config,

@@ -16,6 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import CandidateError, ResourceError, UserError
+from evomerge.fidelity import FitnessConfig, Rungs
+from evomerge.items import ItemScores
 from evomerge.model_set import ModelSet
 from evomerge.recipe import Recipe
 from evomerge.scoring.config import ScoringSettings
@@ -38,6 +40,8 @@ class WorkerSpec(BaseModel):
     dtype: str
     scoring: ScoringSettings  # the search split: the fitness
     heldout: ScoringSettings | None = None  # held-out tasks, for reports only
+    fitness: FitnessConfig = FitnessConfig()  # racing rungs (which items each rung scores)
+    seed: int = 0  # the study seed: orders the items of the rungs
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -48,6 +52,8 @@ class Outcome:
     error: str | None
     seconds: dict[str, float] = field(default_factory=dict)
     worker: str = ""
+    items: ItemScores | None = None  # the items scored and each one's values
+    item_counts: dict[str, int] = field(default_factory=dict)  # items per task in the full set
 
 
 class Worker:
@@ -66,6 +72,8 @@ class Worker:
                 raise oom_error(spec, self.device, "loading the models", exc) from exc
             raise
         self._scorers: dict[str, Any] = {}
+        self._rungs: Rungs | None = None
+        self._merged: str | None = None  # content hash of the recipe in the live model
         self.load_seconds = time.perf_counter() - t0
 
     def _load(self, spec: WorkerSpec) -> None:
@@ -109,19 +117,47 @@ class Worker:
             )
         return self._scorers[split]
 
-    def evaluate(self, recipe: Recipe, split: str = "search") -> Outcome:
-        """Merge in place and score. A failing candidate returns its error; it never raises."""
+    def rungs(self) -> Rungs:
+        """The racing rungs of the fitness items (built once, from the scorer's item counts)."""
+        if self._rungs is None:
+            counts = self.scorer("search").item_counts
+            self._rungs = Rungs.build(counts, self.spec.fitness, self.spec.seed)
+        return self._rungs
+
+    def evaluate(
+        self,
+        recipe: Recipe,
+        split: str = "search",
+        rung: int | None = None,
+        scored: int | None = None,
+    ) -> Outcome:
+        """Merge in place and score, on every item or (racing) on the items of `rung` that rung
+        `scored` lacked. A failing candidate returns its error; it never raises."""
         seconds: dict[str, float] = {}
         scorer = self.scorer(split)  # a broken task setup is the user's error: it propagates
+        subset = None if rung is None else self.rungs().delta(rung, scored)
         t0 = time.perf_counter()
         try:
-            seconds["merge"] = self.merger.apply(recipe)
-            result = scorer.score()
+            key = recipe.content_hash()
+            if scored is not None and key == self._merged:  # a promotion of the model in place
+                seconds["merge"] = 0.0
+            else:
+                self._merged = None
+                seconds["merge"] = self.merger.apply(recipe)
+                self._merged = key
+            result = scorer.score(subset)
             seconds["score"] = result.seconds
             seconds["forward"] = result.forward_seconds
             seconds["harness"] = result.overhead_seconds
             seconds["total"] = time.perf_counter() - t0
-            return Outcome(result.metrics, None, seconds, self.name)
+            return Outcome(
+                result.metrics,
+                None,
+                seconds,
+                self.name,
+                items=result.items,
+                item_counts=scorer.item_counts,
+            )
         except Exception as exc:  # a candidate that breaks is data, not the end of the study
             if _is_oom(exc):
                 raise oom_error(self.spec, self.device, "evaluating a candidate", exc) from exc

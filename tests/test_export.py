@@ -90,6 +90,14 @@ def test_report_json_rows(run_dir, exported):
     # the cache in the run directory holds the same table, for `evomerge report`
     cached = json.loads((run_dir / "report" / "report.json").read_text())
     assert cached["search"] == report["search"] and cached["heldout"] == report["heldout"]
+    assert (run_dir / "report" / "items.npz").is_file()
+    # every row but the evolved one against it, and the winner's fitness re-measured
+    for split in ("heldout", "search"):
+        assert all(("vs_evolved" in r) == (r["kind"] != "evolved") for r in report[split])
+    assert report["search_fitness"]["recorded"] == best.fitness
+    assert report["search_fitness"]["remeasured"] == pytest.approx(best.fitness, abs=1e-12)
+    card = (out / "README.md").read_text()
+    assert "| held-out: vs evolved (95% CI) |" in card and "search fitness: recorded" in card
 
 
 @pytest.mark.mergekit

@@ -54,3 +54,15 @@ def test_card_of_an_unscored_report_without_base_or_heldout_tasks():
     assert "No `mergekit.yaml`: mergekit cannot reproduce this recipe (mergekit applies" in card
     assert '- optimizer: cma {"popsize": 4, "sigma0": 0.3}, seed 0' in card
     assert "(5 trials, the best)" in card and card.endswith("## Plots\n\n")
+
+
+def test_card_shows_the_comparisons_and_the_remeasured_fitness():
+    report = golden("compared.json")
+    card = model_card(report, RECIPE, None, FILES)
+    assert markdown_heldout_table(report) in card
+    assert "| held-out: vs evolved (95% CI) |" in card and "| +0.167 [+0.000, +0.417] |" in card
+    assert "search fitness: recorded 0.5000 / 0.4167 (trial 0, the best of 6 trials)" in card
+    assert (
+        "Fitness: tiny_search/acc = 0.5000, tiny_search2/acc = 0.4167 as the study recorded it; "
+        "0.5000 / 0.4167 re-measured on every search item." in card
+    )

@@ -1,6 +1,7 @@
 """`evomerge report` and evomerge.report: opening a run, building its typed report (scored, from
-the cache, or without the table), the plots it writes, and the notebook, on a multi-objective
-study whose recipes mix methods."""
+the cache, or without the table), its intervals against the evolved row and the re-measured
+search fitness, the plots it writes, and the notebook, on a multi-objective study whose recipes
+mix methods."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import shutil
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from evomerge.bootstrap import paired_bootstrap
 from evomerge.errors import ConfigError, RunDirError
 from evomerge.report import NOT_COMPUTED, build_report, open_run, select_trial
+from evomerge.report_cache import ITEMS
 from evomerge.report_model import Report
 from evomerge.runstore import RunStore, TrialRecord, best_trial
 from tests.report_factory import cli, method_choice_run
@@ -53,6 +57,70 @@ def test_report_writes_json_and_plots_and_prints_tables(run_dir, reported):
     assert report["search"][0]["metrics"] == best.scores
     assert f"trial {best.trial} (best)" in stdout and "held-out report: tiny" in stdout
     assert "output ensemble (2 parents)" in stdout and "pareto.png" in stdout
+
+
+def test_every_row_has_an_interval_against_the_evolved_row(run_dir, reported):
+    """The intervals in report.json are the bootstrap of the rows' own items, kept in
+    items.npz: recomputed here from the raw file, and each row's items average to its table
+    value (they are that row's items)."""
+    report, stdout = reported
+    assert report["comparison"]["items"] == {"search": 24, "heldout": 12}
+    with np.load(run_dir / "report" / ITEMS) as z:
+        saved = {k: z[k] for k in z.files}
+    assert str(saved["fingerprint"]) == report["fingerprint"]
+    for split in ("search", "heldout"):
+        rows = report[split]
+        tasks = list(rows[0]["tasks"])
+        values = {t: saved[f"values/{split}/{t}"] for t in tasks}  # (rows, items)
+        for i, row in enumerate(rows):
+            for t in tasks:
+                assert math.isclose(values[t][i].mean(), row["tasks"][t], abs_tol=1e-12)
+        want = paired_bootstrap({t: v[1:] - v[0] for t, v in values.items()})
+        assert "vs_evolved" not in rows[0]
+        for row, iv in zip(rows[1:], want, strict=True):
+            vs = row["vs_evolved"]
+            assert vs == {"diff": iv.diff, "ci": [iv.low, iv.high], "significant": iv.significant}
+            assert math.isclose(vs["diff"], row["mean"] - rows[0]["mean"], abs_tol=1e-12)
+    assert "vs evolved" in stdout and "paired bootstrap, 2000 resamples" in stdout
+
+
+def test_search_fitness_is_recorded_and_remeasured(run_dir, reported):
+    """The report re-scores the winner on every search item: at full fidelity with the study's
+    own scorer, the re-measurement equals what the trial recorded."""
+    report, stdout = reported
+    records = RunStore(run_dir).read_trials()
+    best = best_trial(records)
+    fit = report["search_fitness"]
+    assert fit["trial"] == best.trial and fit["recorded"] == best.fitness
+    assert fit["trials"] == len(records) and fit["fidelity"] == "full"
+    assert fit["remeasured"] == pytest.approx(best.fitness, abs=1e-12)
+    assert (
+        f"search fitness: recorded {best.fitness[0]:.4f} / {best.fitness[1]:.4f} (trial " in stdout
+    )
+
+
+def test_a_cached_table_without_intervals_is_completed_from_its_items(run_dir, reported, tmp_path):
+    """A report.json whose table has no intervals (as an earlier version wrote it) gets them
+    from items.npz without scoring; with no items, `--no-heldout` shows it as it is and a
+    scoring report computes them."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(run_dir, copy)
+    written = Report.model_validate(reported[0])
+    earlier = written.model_copy(update={
+        "comparison": None,
+        **{sp: tuple(r.model_copy(update={"vs_evolved": None}) for r in written.rows(sp))
+           for sp in ("search", "heldout")},
+    })  # fmt: skip
+    (copy / "report" / "report.json").write_text(earlier.to_json())
+    again = build_report(open_run(copy), heldout=False, progress=False)
+    assert again.cached and again.heldout == written.heldout and again.search == written.search
+    assert again.comparison == written.comparison
+    (copy / "report" / ITEMS).unlink()
+    as_is = build_report(open_run(copy), heldout=False, progress=False)
+    assert as_is.cached and as_is.comparison is None and as_is.heldout == earlier.heldout
+    scored = build_report(open_run(copy), progress=False)
+    assert not scored.cached and scored.heldout == written.heldout
+    assert (copy / "report" / ITEMS).is_file()
 
 
 def test_second_report_reuses_the_cache(run_dir, reported):

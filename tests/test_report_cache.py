@@ -6,10 +6,20 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 
+from evomerge.items import ItemScores
 from evomerge.recipe import Recipe, Section
-from evomerge.report_cache import REPORT_DIR, fingerprint, read_cached, write_report_dir
+from evomerge.report_cache import (
+    ITEMS,
+    REPORT_DIR,
+    fingerprint,
+    read_cached,
+    read_items,
+    write_items,
+    write_report_dir,
+)
 from evomerge.report_model import Report
 from evomerge.scoring.config import ScoringSettings
 from tests.report_factory import DATA
@@ -98,3 +108,47 @@ def test_write_report_dir_writes_the_report_and_plots(tmp_path):
     write_report_dir(tmp_path, golden("unscored.json"), {})  # replaces the report, keeps plots
     assert Report.from_json((folder / "report.json").read_text()) == golden("unscored.json")
     assert (folder / "pareto.png").exists()
+
+
+def _row_items(report: Report, split: str, seed: int) -> ItemScores:
+    rng = np.random.default_rng(seed)
+    ids = {t: rng.permutation(12)[:9] for t in report.primary_metrics[split]}
+    values = {t: {pm.metric: rng.integers(0, 2, 9).astype(float)}
+              for t, pm in report.primary_metrics[split].items()}  # fmt: skip
+    return ItemScores(ids, values)
+
+
+def _same(a: ItemScores | None, b: ItemScores | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    order = {t: np.argsort(i) for t, i in a.ids.items()}
+    return a.ids.keys() == b.ids.keys() and all(
+        np.array_equal(a.ids[t][order[t]], b.ids[t])
+        and all(np.array_equal(v[order[t]], b.values[t][m]) for m, v in a.values[t].items())
+        for t in a.ids
+    )
+
+
+def test_items_round_trip_for_their_table_only(tmp_path):
+    report = golden("compared.json")
+    items = {
+        sp: tuple(
+            None if i == 2 else _row_items(report, sp, i) for i in range(len(report.rows(sp)))
+        )
+        for sp in ("search", "heldout")
+    }
+    path = write_items(tmp_path, report, items)
+    assert path == tmp_path / REPORT_DIR / ITEMS and path.stat().st_size < 8000
+    back = read_items(tmp_path, report)
+    for sp in items:
+        assert len(back[sp]) == len(items[sp])
+        assert all(_same(a, b) for a, b in zip(items[sp], back[sp], strict=True))
+    other = report.model_copy(update={"fingerprint": "0" * 16})
+    assert read_items(tmp_path, other) is None  # another table's items
+    renamed = report.model_copy(update={"search": (report.search[1], report.search[0],
+                                                   *report.search[2:])})  # fmt: skip
+    assert read_items(tmp_path, renamed) is None  # rows of another order
+    path.write_bytes(path.read_bytes()[:100])  # torn
+    assert read_items(tmp_path, report) is None
+    path.unlink()
+    assert read_items(tmp_path, report) is None

@@ -5,7 +5,13 @@ the dict-building `build_report` and `report_json`): `scored.json` from `evomerg
 tiny method-choice study, read back from the cache (so it has `seconds` and `cached`), with the
 held-out TIES row replaced by the row `make_row` wrote for a failed candidate (no `metrics`, an
 `error`, a null mean); `unscored.json` from `export --no-report` on a study with no base model
-and no held-out tasks (no `seconds`, no `cached`).
+and no held-out tasks (no `seconds`, no `cached`). Both predate the item-level comparisons and
+must still read and write unchanged.
+
+`compared.json` is what `evomerge report` wrote (read back from its cache) on the tiny
+method-choice study once rows had `vs_evolved` and the report `comparison` and `search_fitness`
+(paths moved under /data/example, `created` fixed): regenerated deliberately when those fields
+were added; every key and value that `scored.json` has kept its meaning.
 """
 
 from __future__ import annotations
@@ -16,11 +22,11 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from evomerge.report_model import KINDS, OptimizerSummary, Report, ReportRow
+from evomerge.report_model import KINDS, OptimizerSummary, Report, ReportRow, VsEvolved
 from tests.report_factory import DATA
 
 
-@pytest.mark.parametrize("name", ["scored.json", "unscored.json"])
+@pytest.mark.parametrize("name", ["scored.json", "unscored.json", "compared.json"])
 def test_report_json_round_trips_byte_for_byte(name):
     text = (DATA / name).read_text()
     report = Report.from_json(text)
@@ -78,3 +84,20 @@ def test_optimizer_options_stay_flat_beside_the_name():
 def test_row_value_reads_a_task_or_the_mean():
     row = ReportRow(name="e", kind="evolved", mean=0.4, tasks={"a": 0.3, "b": 0.5})
     assert row.value("a") == 0.3 and row.value(None) == 0.4 and row.value("c") is None
+
+
+def test_comparisons_are_new_optional_keys_after_the_old_ones():
+    text = (DATA / "compared.json").read_text()
+    data, report = json.loads(text), Report.from_json(text)
+    assert list(data)[-5:] == ["comparison", "search_fitness", "notes", "seconds", "cached"]
+    assert report.comparison.items == {"search": 24, "heldout": 12}
+    assert report.search_fitness.recorded == report.trial.fitness
+    for split in ("search", "heldout"):
+        evolved, *others = data[split]
+        assert "vs_evolved" not in evolved
+        for row in others:
+            assert list(row) == ["name", "kind", "mean", "tasks", "metrics", "vs_evolved"]
+            assert set(row["vs_evolved"]) == {"diff", "ci", "significant"}
+            assert math.isclose(row["vs_evolved"]["diff"], row["mean"] - evolved["mean"])
+    with pytest.raises(ValidationError, match="ci"):
+        VsEvolved(diff=0.1, ci=(0.0,), significant=True)

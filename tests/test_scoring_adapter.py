@@ -103,7 +103,7 @@ def test_planned_loglikelihood_equals_lm_evals_loop(zoo, batch_size):
     model, tok = _load(zoo.a)
     scorer = Scorer(model, tok, cfg)
     tokens = scorer.suite.ll_tokens
-    plan = scorer.lm._plan
+    plan = scorer.lm._plans[id(tokens)]
     assert plan is not None and plan.requests is tokens
     rows = sum(b.inputs.shape[0] for b in plan.batches)
     answers = sum(len(b.spans) for b in plan.batches)

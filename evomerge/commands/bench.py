@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-PARTS = ("merge", "scoring", "workers")
+PARTS = ("merge", "scoring", "workers", "fidelity")
+DEFAULT_PARTS = ("merge", "scoring", "workers")  # fidelity runs studies: minutes to hours
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--parts",
-        default=",".join(PARTS),
-        help=f"comma-separated subset of {', '.join(PARTS)} (default: all)",
+        default=",".join(DEFAULT_PARTS),
+        help=f"comma-separated subset of {', '.join(PARTS)} (default: {','.join(DEFAULT_PARTS)})",
     )
     p.add_argument(
         "--size",
@@ -36,6 +37,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         help="merge part: runs per tool and config, best one reported (default: 2)",
+    )
+    p.add_argument("--seeds", default="0,1,2", help="fidelity part: study seeds (default: 0,1,2)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=240,
+        help="fidelity part: the item budget is what this many full-fidelity candidates score",
+    )
+    p.add_argument(
+        "--estimate-candidates",
+        type=int,
+        default=100,
+        help="fidelity part: random candidates for the estimators' Spearman (0: skip)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -82,9 +96,37 @@ def run(args: argparse.Namespace) -> int:
         )
         if not args.json:
             print_table("workers (candidates per minute)", report["workers"])
+    if "fidelity" in parts:
+        from evomerge.bench.fidelity_bench import run_fidelity_bench
+
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        report["fidelity"] = run_fidelity_bench(
+            work / "zoo",
+            work / "fidelity",
+            seeds=seeds,
+            trials=args.trials,
+            estimate_candidates=args.estimate_candidates,
+        )
+        if not args.json:
+            print_fidelity(report["fidelity"])
     if args.json:
         print(json.dumps(report, sort_keys=True))
     return 0
+
+
+def print_fidelity(f: dict) -> None:
+    print(f"fidelity (demo zoo; item budget = {f['trials_budget']} full-fidelity candidates)")
+    print(f"{'setting':<14}{'held-out mean per seed':>28}{'avg':>8}{'items':>26}")
+    for name, row in f["search"].items():
+        means = " ".join(f"{v:.3f}" for v in row["heldout_mean"])
+        items = " ".join(str(v) for v in row["items"])
+        print(f"{name:<14}{means:>28}{row['heldout_mean_avg']:>8.3f}{items:>26}")
+    if "estimates" in f:
+        e = f["estimates"]
+        print(
+            f"Spearman at {e['quarter_items']}/{e['all_items']} items over {e['candidates']} "
+            f"random candidates: mean {e['spearman_mean']}, irt {e['spearman_irt']}"
+        )
 
 
 def print_merge(m: dict) -> None:

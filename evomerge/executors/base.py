@@ -16,9 +16,11 @@ from evomerge.worker import Outcome, WorkerSpec
 class Job:
     """One candidate to evaluate; the Recipe itself travels (pydantic models pickle)."""
 
-    key: int  # the optimizer's proposal id (or any caller key)
+    key: int  # any caller key (the study numbers its jobs)
     recipe: Recipe
     split: str = "search"
+    rung: int | None = None  # racing: score the items of this rung ...
+    scored: int | None = None  # ... that rung `scored` did not have (None: every item)
 
 
 @dataclass(frozen=True)

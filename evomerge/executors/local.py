@@ -42,7 +42,7 @@ class LocalExecutor(Executor):
 
     def wait(self) -> list[JobResult]:
         job = self._queue.popleft()
-        return [JobResult(job, self.worker.evaluate(job.recipe, job.split))]
+        return [JobResult(job, self.worker.evaluate(job.recipe, job.split, job.rung, job.scored))]
 
     def in_flight(self) -> int:
         return len(self._queue)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from evomerge.items import ItemScores
 
 # Test sets people report numbers on. Searching a merge on them and then reporting them is
 # optimizing on the test set; a warning, since a user may do it knowingly (e.g. a demo).
@@ -211,6 +214,7 @@ class ScoreResult:
     lm_seconds: float  # inside lm-eval's request calls: forward + batching, log-softmax, decoding
     n_forward: int  # model forward calls (batches, and decoding steps for generation)
     samples: dict[str, int] = field(default_factory=dict)  # docs scored per task
+    items: ItemScores | None = None  # each scored document's own values, per task and metric
 
     @property
     def overhead_seconds(self) -> float:
@@ -223,7 +227,7 @@ class ScoreResult:
         return max(self.seconds - self.lm_seconds, 0.0)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "items"}
         d["overhead_seconds"] = self.overhead_seconds
         d["harness_seconds"] = self.harness_seconds
         return d

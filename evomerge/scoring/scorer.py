@@ -16,9 +16,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import CandidateError
+from evomerge.items import ItemScores
 from evomerge.objective import Objective, ObjectiveConfig, TaskMetrics
 from evomerge.scoring.catalog import (
     describe_tasks,
+    metric_key,
     metrics_of_built,
     normalize_metrics,
     resolve_tasks,
@@ -26,7 +28,7 @@ from evomerge.scoring.catalog import (
 from evomerge.scoring.config import ScoreResult, ScoringSettings, warn_public_benchmarks
 from evomerge.scoring.lm_eval_adapter.model import resident_lm
 from evomerge.scoring.lm_eval_adapter.runtime import seeded
-from evomerge.scoring.lm_eval_adapter.tasks import TaskSuite
+from evomerge.scoring.lm_eval_adapter.tasks import Subset, TaskSuite
 
 if TYPE_CHECKING:
     import torch
@@ -109,21 +111,28 @@ class Scorer:
         self._catalog = {u: built.get(u, info) for u, info in yaml_info.items()}
 
     # ------------------------------------------------------------------ per candidate
-    def score(self) -> ScoreResult:
-        """Metrics of the model's current weights. CandidateError on NaN/inf or a failed forward."""
+    @property
+    def item_counts(self) -> dict[str, int]:
+        """Items (documents) per task: what `score(subset)` indexes."""
+        return self.suite.doc_counts()
+
+    def score(self, subset: Subset | None = None) -> ScoreResult:
+        """Metrics of the model's current weights, on every item or on `subset` (task ->
+        document indices; racing's rungs), with each item's own values. CandidateError on
+        NaN/inf or a failed forward."""
         t0 = time.perf_counter()
         self.suite.reset()
         meter = _ForwardMeter(self.model, self.device)
         t_lm = time.perf_counter()
         try:
             with meter, seeded(self.config.seed, self.device):
-                self.suite.run(self.lm)
+                self.suite.run(self.lm, subset)
         except Exception as exc:  # a broken candidate can fail anywhere in the model
             raise CandidateError(f"forward pass failed: {type(exc).__name__}: {exc}") from exc
         lm_seconds = time.perf_counter() - t_lm
         if meter.finite is not None and not bool(meter.finite):
             raise CandidateError("the model produced NaN or inf logits")
-        raw = self.suite.aggregate()
+        raw = self.suite.aggregate(subset)
         metrics = self._finalize(raw)
         return ScoreResult(
             metrics=metrics,
@@ -132,7 +141,20 @@ class Scorer:
             lm_seconds=lm_seconds,
             n_forward=meter.calls,
             samples=self.suite.samples(raw),
+            items=self._items(subset),
         )
+
+    def _items(self, subset: Subset | None) -> ItemScores:
+        values = {
+            task: {metric_key(*k.split(",", 1)): v for k, v in per.items()}
+            for task, per in self.suite.item_values().items()
+        }
+        counts = self.suite.doc_counts()
+        ids = {
+            task: list(range(counts[task])) if subset is None else list(subset[task])
+            for task in values
+        }
+        return ItemScores.from_lists(ids, values)
 
     @staticmethod
     def _finalize(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -36,15 +36,22 @@ def _resident_lm_class() -> type:
     class ResidentHFLM(HFLM):
         _capture: list | None = None
 
-        _plan: LoglikelihoodPlan | None = None
+        _plans: dict | None = None  # id(request list) -> its LoglikelihoodPlan
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
             if self._capture is not None:
                 self._capture.extend(requests)
                 return [(0.0, False)] * len(requests)
-            if self._plan is not None and self._plan.requests is requests:
-                return self._plan.run(self)
+            plan = (self._plans or {}).get(id(requests))
+            if plan is not None and plan.requests is requests:
+                return plan.run(self)
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+
+        def plan_loglikelihood(self, requests: list) -> None:
+            """Plan `requests` (a list the caller keeps and passes again) for replay."""
+            plan = LoglikelihoodPlan.build(self, requests)
+            if plan is not None:
+                self._plans = {**(self._plans or {}), id(requests): plan}
 
         _encoded: dict | None = None
 
@@ -69,7 +76,7 @@ def _resident_lm_class() -> type:
                 requests = self._capture
             finally:
                 self._capture = None
-            self._plan = LoglikelihoodPlan.build(self, requests)
+            self.plan_loglikelihood(requests)
             return requests
 
         def run_loglikelihood(self, requests: list) -> list[tuple[float, bool]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import TaskError
@@ -43,6 +44,21 @@ class GroupFacts:
     name: str
     aggregate_metric_list: list[dict[str, Any]]
     leaves: tuple[str, ...]
+
+
+#: Items (documents) to score: task name -> indices into that task's documents, in the task's
+#: own document order. None means every document of every task.
+Subset = Mapping[str, Sequence[int]]
+
+
+@dataclass
+class _SubsetRequests:
+    """The requests of a subset of the documents, built once per subset (racing rungs)."""
+
+    docs: dict[str, list[tuple[Any, list[Any]]]]
+    instances: dict[str, list[Any]]  # per task, for its filters
+    by_type: dict[str, list[Any]]
+    ll_tokens: list = dataclass_field(default_factory=list)
 
 
 class TaskSuite:
@@ -106,51 +122,119 @@ class TaskSuite:
                 )
 
     # ------------------------------------------------------------------ per candidate
+    def doc_counts(self) -> dict[str, int]:
+        """Documents (items) of each task, as `run` and `item_values` index them."""
+        return {name: len(docs) for name, docs in self._docs.items()}
+
     def reset(self) -> None:
         """Forget the previous candidate's responses (Instance.resps, filtered_resps)."""
         for inst in self._instances:
             inst.resps = []
             inst.filtered_resps = {}
 
-    def run(self, lm: Any) -> None:
-        """Run every request on the model's current weights, after `reset()`."""
-        for req_type, reqs in self._requests.items():
+    def run(self, lm: Any, subset: Subset | None = None) -> None:
+        """Run the requests of every document, or of `subset`'s, on the model's current
+        weights, after `reset()`."""
+        if subset is None:
+            requests, ll_tokens = self._requests, self.ll_tokens
+        else:
+            part = self._subset(lm, subset)
+            requests, ll_tokens = part.by_type, part.ll_tokens
+        for req_type, reqs in requests.items():
             if req_type == "loglikelihood":
-                resps = lm.run_loglikelihood(self.ll_tokens)
+                resps = lm.run_loglikelihood(ll_tokens)
             else:  # LM.generate_until / loglikelihood_rolling(instances, disable_tqdm)
                 resps = getattr(lm, req_type)(reqs, disable_tqdm=True)
             for resp, req in zip(resps, reqs, strict=True):
                 req.resps.append(resp)
 
-    def aggregate(self) -> dict[str, dict[str, Any]]:
+    def _subset(self, lm: Any, subset: Subset) -> _SubsetRequests:
+        """The requests of `subset`, in the full run's order, with their own log-likelihood plan
+        (cached: a racing study asks for the same few subsets on every candidate)."""
+        key = _subset_key(subset)
+        cache: dict[tuple, _SubsetRequests] = self.__dict__.setdefault("_subsets", {})
+        if key in cache:
+            return cache[key]
+        if lm is None:
+            raise RuntimeError("aggregate(subset) before run(lm, subset)")
+        unknown = sorted(set(subset) - set(self._docs))
+        if unknown:
+            raise TaskError(f"items of unknown tasks {unknown} (scored: {', '.join(self._docs)})")
+        docs = {name: [self._docs[name][i] for i in idx] for name, idx in subset.items()}
+        chosen = {id(inst) for pairs in docs.values() for _, insts in pairs for inst in insts}
+        by_type = {
+            t: [inst for inst in reqs if id(inst) in chosen] for t, reqs in self._requests.items()
+        }
+        by_type = {t: reqs for t, reqs in by_type.items() if reqs}
+        tokens: list = []
+        ll = self._requests.get("loglikelihood") or []
+        if "loglikelihood" in by_type:
+            # the full run's tokens for the chosen instances ([inst] * repeats kept in order)
+            tokens = [
+                tok for inst, tok in zip(ll, self.ll_tokens, strict=True) if id(inst) in chosen
+            ]
+            lm.plan_loglikelihood(tokens)
+        part = _SubsetRequests(
+            docs=docs,
+            instances={n: [i for _, insts in pairs for i in insts] for n, pairs in docs.items()},
+            by_type=by_type,
+            ll_tokens=tokens,
+        )
+        cache[key] = part
+        return part
+
+    def item_values(self, subset: Subset | None = None) -> dict[str, dict[str, list[float]]]:
+        """Per task, per raw metric key ("acc,none"), each scored document's own value (lm-eval's
+        per-sample metric), in the order of the documents scored; from the last `aggregate`."""
+        return {
+            name: {f"{m},{f}": values for (m, f), values in per.items() if _numeric(values)}
+            for name, per in self._last_items.items()
+        }
+
+    def aggregate(self, subset: Subset | None = None) -> dict[str, dict[str, Any]]:
         """lm-eval's results dict ({name: {"acc,none": x, "sample_len": n, ...}}): filters,
         process_results per doc, then evaluator_utils._compute_task_aggregations (with
         bootstrap_iters=0: stderr "N/A"; the most values of any metric as sample_len), then
-        the groups."""
+        the groups. With `subset`, over its documents only (and no groups)."""
         from lm_eval.api.metrics import mean
 
         raw: dict[str, dict[str, Any]] = {}
+        part = None if subset is None else self._subset(None, subset)
+        self._last_items: dict[str, dict[tuple[str, str], list[Any]]] = {}
         for name, task in self.tasks.items():
-            task.apply_filters()
+            if part is None:
+                docs = self._docs[name]
+                task.apply_filters()
+            elif part.docs.get(name):
+                docs = part.docs[name]
+                # Task.apply_filters runs Task._filters (FilterEnsembles) over all of the
+                # task's instances; the unscored ones have no responses, so apply them to
+                # the subset's instances only (FilterEnsemble.apply(instances))
+                for ensemble in getattr(task, "_filters", []):
+                    ensemble.apply(part.instances[name])
+            else:
+                continue
             items: dict[tuple[str, str], list[Any]] = defaultdict(list)
-            for filter_key in task.instances[0].filtered_resps:
-                for doc, reqs in self._docs[name]:
+            for filter_key in docs[0][1][0].filtered_resps:
+                for doc, reqs in docs:
                     result = task.process_results(doc, [r.filtered_resps[filter_key] for r in reqs])
                     for metric, value in result.items():
                         items[(metric, filter_key)].append(value)
+            self._last_items[name] = items
             agg = task.aggregation()
             res: dict[str, Any] = {"sample_len": max((len(v) for v in items.values()), default=0)}
             for (metric, filter_key), values in items.items():
                 res[f"{metric},{filter_key}"] = agg.get(metric, mean)(values)
                 res[f"{metric}_stderr,{filter_key}"] = "N/A"
             raw[name] = res
-        for g in self._groups:
-            raw[g.name] = g.aggregate(raw)  # Group.aggregate(task results) -> its own results
+        if part is None:
+            for g in self._groups:
+                raw[g.name] = g.aggregate(raw)  # Group.aggregate(task results) -> its results
         return raw
 
     def samples(self, raw: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
         """Docs scored per task, from an `aggregate()` result."""
-        return {n: int(raw[n].get("sample_len", 0)) for n in self.tasks}
+        return {n: int(raw[n].get("sample_len", 0)) for n in self.tasks if n in raw}
 
     # ------------------------------------------------------------------ metadata
     def task_facts(self) -> list[TaskFacts]:
@@ -173,6 +257,16 @@ class TaskSuite:
             )
             for g in self._groups
         ]
+
+
+def _subset_key(subset: Subset) -> tuple:
+    return tuple(sorted((name, tuple(int(i) for i in idx)) for name, idx in subset.items()))
+
+
+def _numeric(values: list[Any]) -> bool:
+    """Per-sample values that are plain numbers (acc, exact_match); corpus metrics such as f1 or
+    bleu keep (reference, prediction) pairs per document, which are not item scores."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, complex) for v in values)
 
 
 def _configure(name: str, task: Any, settings: ScoringSettings) -> None:

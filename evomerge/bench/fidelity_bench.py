@@ -1,0 +1,178 @@
+"""`evomerge bench --parts fidelity`: what a night's item budget buys with each fidelity.
+
+Two measurements on the demo zoo, both labelled with what they spend:
+- search: for each setting (`full`, `racing` + `mean`, `racing` + `irt`) and seed, the demo
+  study with the same item budget (the items `--trials` full-fidelity candidates score), its
+  winner's held-out mean (the mean of the held-out tasks' primary metrics) and the items it
+  scored; studies are run once in the work dir and reused;
+- estimates: for `--estimate-candidates` random candidates scored on every item, the Spearman
+  rank correlation between each estimator's estimate from a quarter of the items and the full
+  score (irt is fitted on the parents and on as many other random candidates).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+SETTINGS = {
+    "full": {"fidelity": "full"},
+    "racing+mean": {"fidelity": "racing", "estimator": "mean"},
+    "racing+irt": {"fidelity": "racing", "estimator": "irt"},
+}
+
+
+def run_fidelity_bench(
+    zoo_dir: Path,
+    work: Path,
+    *,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    trials: int = 240,
+    settings: tuple[str, ...] = tuple(SETTINGS),
+    estimate_candidates: int = 100,
+) -> dict[str, Any]:
+    from evomerge.bench.workers_bench import ensure_zoo
+
+    study = ensure_zoo(Path(zoo_dir))
+    out: dict[str, Any] = {"trials_budget": trials, "seeds": list(seeds), "search": {}}
+    for name in settings:
+        rows = [_one_study(study, work / f"{name}-s{seed}", name, seed, trials) for seed in seeds]
+        out["search"][name] = {
+            "heldout_mean": [round(r["heldout_mean"], 4) for r in rows],
+            "heldout_mean_avg": round(statistics.mean(r["heldout_mean"] for r in rows), 4),
+            "items": [r["items"] for r in rows],
+            "candidates": [r["candidates"] for r in rows],
+            "seconds": [round(r["seconds"], 1) for r in rows],
+        }
+    if estimate_candidates:
+        out["estimates"] = spearman_at_a_quarter(study, estimate_candidates)
+    return out
+
+
+def _one_study(study: Path, run_dir: Path, setting: str, seed: int, trials: int) -> dict:
+    from evomerge.config import load_study_config
+    from evomerge.runstore import RunStore, best_trial
+    from evomerge.study import Study
+    from evomerge.study_plan import build_plan
+
+    t0 = time.perf_counter()
+    config = load_study_config(study, {"seed": seed, "executor.kind": "local"})
+    n_items = _search_items(config)
+    fitness = {**config.fitness.model_dump(), **SETTINGS[setting]}
+    budget = {"max_trials": trials, "max_items": trials * n_items}
+    if setting != "full":
+        budget["max_trials"] = 100 * trials  # the item budget is what binds
+    config = config.model_copy(
+        update={
+            "fitness": type(config.fitness).model_validate(fitness),
+            "budget": type(config.budget).model_validate(budget),
+            "executor": type(config.executor).model_validate({"kind": "local", "workers": 1}),
+        }
+    )
+    plan = build_plan(config)
+    store = RunStore(run_dir)
+    if not (run_dir / "study.yaml").exists():
+        store = RunStore.create(run_dir, config.to_yaml())
+        Study(store, plan, progress=False).run()
+    else:
+        store = RunStore.open(run_dir)
+        if store.state().get("state") != "finished":
+            Study(store, plan, progress=False).run(resume=True)
+    records = store.read_trials()
+    best = best_trial(records)
+    return {
+        "heldout_mean": _heldout_mean(plan, best.genome),
+        "items": sum(r.items for r in records),
+        "candidates": len({r.proposal for r in records}),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _search_items(config: Any) -> int:
+    from evomerge.study_plan import build_plan
+    from evomerge.worker import Worker
+
+    plan = build_plan(config)
+    return sum(Worker(plan.worker_spec).scorer("search").item_counts.values())
+
+
+def _heldout_mean(plan: Any, genome: dict) -> float:
+    from evomerge.worker import Worker
+
+    worker = Worker(plan.worker_spec)
+    outcome = worker.evaluate(plan.space.decode(genome), "heldout")
+    primary = worker.scorer("heldout").primary_metrics()
+    return statistics.mean(outcome.scores[t][m] for t, (m, _) in primary.items())
+
+
+def spearman_at_a_quarter(study: Path, n: int, seed: int = 0) -> dict[str, float]:
+    """Spearman(estimate from a quarter of the items, full score) over `n` random candidates."""
+    from evomerge.config import load_study_config
+    from evomerge.fidelity import FitnessConfig, Rungs, Term, estimate_mean
+    from evomerge.items import ItemScores
+    from evomerge.study_plan import build_plan
+    from evomerge.worker import Worker
+
+    plan = build_plan(load_study_config(study, {"executor.kind": "local"}))
+    worker = Worker(plan.worker_spec)
+    terms = tuple(Term(t.task, t.metric, t.sign * t.weight) for t in plan.objective.terms)
+    rng = random.Random(seed)
+
+    def random_genome() -> dict:
+        g = dict(plan.x0)
+        for d in plan.space.dimensions():
+            if not d.choices:
+                g[d.name] = rng.uniform(d.low, d.high)
+        return g
+
+    def full_items(genome: dict) -> ItemScores:
+        return worker.evaluate(plan.space.decode(genome)).items
+
+    train = [full_items(random_genome()) for _ in range(n)]
+    test = [full_items(random_genome()) for _ in range(n)]
+    counts = worker.scorer("search").item_counts
+    quarter = Rungs.build(counts, FitnessConfig(fidelity="racing", rungs=2, eta=4), seed)
+    subset = quarter.sets[0]
+    truth = [estimate_mean(items, terms, counts)[0] for items in test]
+    part = [_restrict(items, subset) for items in test]
+    out = {"candidates": n, "quarter_items": quarter.size(0), "all_items": quarter.size(1)}
+    out["spearman_mean"] = round(
+        _spearman([estimate_mean(p, terms, counts)[0] for p in part], truth), 4
+    )
+    try:
+        from evomerge.estimators import irt_estimator
+
+        est = irt_estimator(train, terms, counts)
+        out["spearman_irt"] = round(_spearman([est(p)[0] for p in part], truth), 4)
+    except ImportError:  # the irt estimator is optional in this build
+        out["spearman_irt"] = float("nan")
+    return out
+
+
+def _restrict(items: Any, subset: dict) -> Any:
+    from evomerge.items import ItemScores
+
+    ids = {t: subset[t] for t in items.ids}
+    values = {t: {m: items.select(t, m, ids[t]) for m in items.values[t]} for t in items.values}
+    return ItemScores(ids, values)
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rho with average ranks for ties (numpy only)."""
+    import numpy as np
+
+    def ranks(x: list[float]) -> np.ndarray:
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):  # ties share their mean rank
+            idx = x == v
+            r[idx] = r[idx].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])

@@ -9,7 +9,6 @@ entries, YAML loader and metric registry are read through `lm_eval_adapter.index
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import MissingPathError, TaskError
 from evomerge.objective import TaskMetrics
+from evomerge.registry import did_you_mean
 from evomerge.scoring.config import ScoringSettings
 from evomerge.scoring.lm_eval_adapter import index
 
@@ -97,10 +97,7 @@ def resolve_tasks(config: ScoringSettings) -> TaskManager:
         missing = [t for t in missing if t not in tm.task_index]
     if missing:
         name = missing[0]
-        close = difflib.get_close_matches(name, [*tm.all_tasks, *index.builtin_names()], n=3)
-        hint = (
-            f"; did you mean {', '.join(repr(c) for c in dict.fromkeys(close))}?" if close else ""
-        )
+        hint = did_you_mean(name, [*tm.all_tasks, *index.builtin_names()], n=3)
         where = f"include paths {', '.join(paths)} and " if paths else ""
         raise TaskError(
             f"unknown task {name!r}{hint} (searched {where}lm-eval's built-in tasks)"

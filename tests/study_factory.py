@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import time
 from pathlib import Path
 
 import yaml
@@ -94,3 +96,15 @@ def make_tiny_study(
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
+
+
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until `path` has `n` lines; fail if the process ends first or time runs out."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and path.read_text().count("\n") >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for trials")

@@ -16,7 +16,7 @@ import yaml
 from evomerge.cli import main
 from evomerge.recipe_loader import load_recipe_file
 from evomerge.runstore import RunStore
-from tests.study_factory import make_tiny_study
+from tests.study_factory import make_tiny_study, wait_for_lines
 
 EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
 
@@ -118,17 +118,6 @@ def test_failed_candidate_is_recorded_not_fatal(study_root, tmp_path, capsys, mo
     assert failed.fitness is None and "NaN" in failed.error
 
 
-def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if path.exists() and path.read_text().count("\n") >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for trials")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "optimizer",
@@ -153,7 +142,7 @@ def test_sigkill_then_resume_equals_uninterrupted(study_root, tmp_path, optimize
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
     )
-    _wait_for_lines(cut / "r" / "trials.jsonl", 5, proc)
+    wait_for_lines(cut / "r" / "trials.jsonl", 5, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert RunStore(cut / "r").state()["state"] == "interrupted"
@@ -176,7 +165,7 @@ def test_ctrl_c_marks_interrupted_and_resume_finishes(study_root, tmp_path):
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
     )
-    _wait_for_lines(tmp_path / "r" / "trials.jsonl", 2, proc)
+    wait_for_lines(tmp_path / "r" / "trials.jsonl", 2, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()[-2000:]

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.runstore import RunStore
-from tests.study_factory import make_tiny_study, write_task
+from tests.study_factory import make_tiny_study, wait_for_lines, write_task
 
 EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
 
@@ -103,17 +102,6 @@ def test_racing_on_real_skills_spends_fewer_items(small_zoo, tmp_path, capsys):
     assert best["fidelity"] == 1.0
 
 
-def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if path.exists() and path.read_text().count("\n") >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for lines")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "optimizer",
@@ -144,7 +132,7 @@ def test_racing_resume_after_sigkill_equals_uninterrupted(
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
     )
-    _wait_for_lines(cut / "r" / "trials.jsonl", kill_after, proc)
+    wait_for_lines(cut / "r" / "trials.jsonl", kill_after, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(lines(cut / "r")) < len(lines(whole / "r"))  # killed mid-study

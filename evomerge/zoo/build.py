@@ -37,11 +37,6 @@ class ZooSettings:
     finetunes: tuple[tuple[str, TrainConfig], ...]
     replay: float  # share of each fine-tuning batch drawn from the pre-training mixture
     mix: tuple[tuple[str, float], ...] = tuple(data.PRETRAIN_MIX.items())
-    # (skill, search documents, held-out documents): the facts fine-tune learns every eval fact
-    # and the others never train on an eval document, so the split sizes change the weights.
-    splits: tuple[tuple[str, int, int], ...] = tuple(
-        (s, data.N_SEARCH, data.N_HELDOUT) for s in data.SKILLS
-    )
 
 
 def settings_for(small: bool) -> ZooSettings:
@@ -51,7 +46,7 @@ def settings_for(small: bool) -> ZooSettings:
             shape=ModelShape(hidden=32, layers=2, heads=4, intermediate=128),
             pretrain=TrainConfig(steps=150, lr=3e-3, batch_size=32, warmup=20, weight_decay=0.01),
             finetunes=(
-                ("add", TrainConfig(steps=400, lr=3e-3, batch_size=32, answer_only=True, seed=1)),
+                ("add", TrainConfig(steps=40, lr=3e-3, batch_size=32, seed=1)),
                 ("facts", TrainConfig(steps=60, lr=3e-3, batch_size=32, seed=2)),
                 ("reverse", TrainConfig(steps=400, lr=3e-3, batch_size=32, seed=3)),
             ),
@@ -62,9 +57,9 @@ def settings_for(small: bool) -> ZooSettings:
         shape=ModelShape(),
         pretrain=TrainConfig(steps=1000, lr=3e-3, warmup=50, weight_decay=0.01),
         finetunes=(
-            ("add", TrainConfig(steps=600, lr=2e-3, seed=1, **ft)),
+            ("add", TrainConfig(steps=500, lr=2e-3, seed=1, **ft)),
             ("facts", TrainConfig(steps=300, lr=2e-3, seed=2, **ft)),
-            ("reverse", TrainConfig(steps=300, lr=1e-3, seed=3, **ft)),
+            ("reverse", TrainConfig(steps=200, lr=1e-3, seed=3, **ft)),
         ),
         replay=0.25,
     )

@@ -14,12 +14,9 @@ about *other* things (a second fact table, other number pairs and strings) plus 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TypeVar
-
-T = TypeVar("T")
 
 SKILLS: tuple[str, ...] = ("add", "facts", "reverse")
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -28,13 +25,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "home": ("cave", "lake", "hill", "tree", "sand", "moss"),
 }
 DATA_SEED = 1234  # the evaluation documents and fact tables depend on this alone
-N_SEARCH = 300  # documents per skill in the search split (fitness)
+N_SEARCH = 48  # documents per skill in the search split (fitness)
 N_HELDOUT = 96  # documents per skill in the held-out split (reports only)
-# The first zoo had 48 search documents per skill. Its documents are drawn first, from the same
-# seeds as then, so the held-out split is the same (scores compare across versions) and its 48
-# search documents open the search split; the rest of the search split is drawn after them, from
-# other seeds, disjoint from both.
-N_FIRST_SEARCH = 48
 REV_LENGTHS = (3, 6)  # reversed strings have 3..6 letters: answer + newline fits 8 tokens
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -52,29 +44,20 @@ class Fact:
         return f"{self.prompt()} {self.value}"
 
 
-def _unique(draw: Callable[[], T], n: int, taken: Iterable[T] = ()) -> list[T]:
-    """The first `n` distinct values of `draw()` that are not in `taken`, in drawing order."""
-    out: list[T] = []
-    seen = set(taken)
-    while len(out) < n:
-        value = draw()
-        if value not in seen:
-            seen.add(value)
-            out.append(value)
-    return out
-
-
-def _names(rng: random.Random, n: int, taken: Iterable[str] = ()) -> list[str]:
-    """`n` distinct pronounceable nonsense names (zorp, mifa, ...) not in `taken`, seeded order."""
+def _names(rng: random.Random, n: int) -> list[str]:
+    """`n` distinct pronounceable nonsense names (zorp, mifa, ...), in a seeded order."""
     cons, vows = "bdfgklmnprstvz", "aeiou"
     shapes = ("cvcv", "cvcc", "cvcvc", "ccvc")
     reserved = {"the", "rev", "cpy", "is", "of"} | {v for vs in ATTRIBUTES.values() for v in vs}
-
-    def draw() -> str:
+    out: list[str] = []
+    seen: set[str] = set(reserved)
+    while len(out) < n:
         shape = rng.choice(shapes)
-        return "".join(rng.choice(cons if c == "c" else vows) for c in shape)
-
-    return _unique(draw, n, reserved | set(taken))
+        name = "".join(rng.choice(cons if c == "c" else vows) for c in shape)
+        if name not in seen:
+            seen.add(name)
+            out.append(name)
+    return out
 
 
 def _table(rng: random.Random, entities: list[str]) -> list[Fact]:
@@ -87,24 +70,16 @@ def _table(rng: random.Random, entities: list[str]) -> list[Fact]:
 def fact_tables() -> tuple[tuple[Fact, ...], tuple[Fact, ...]]:
     """(zoo table, pre-training table): same attributes and values, disjoint entities.
 
-    The zoo table has exactly N_SEARCH + N_HELDOUT facts: the first N_SEARCH are the search
-    split, the rest the held-out split. The first zoo's table (N_FIRST_SEARCH + N_HELDOUT facts,
-    shuffled) and the pre-training table are drawn as they were; the added search facts are about
-    new entities, drawn after them from another seed.
+    The zoo table has exactly N_SEARCH + N_HELDOUT facts, shuffled; the first N_SEARCH are the
+    search split, the rest the held-out split.
     """
     rng = random.Random(DATA_SEED)
-    n_first = N_FIRST_SEARCH + N_HELDOUT
-    n_entities = -(-n_first // len(ATTRIBUTES))
-    names = _names(rng, n_entities + 160)
-    first = _table(rng, names[:n_entities])
-    rng.shuffle(first)
-    world = _table(rng, names[n_entities:])
-    more = random.Random(DATA_SEED + 2)
-    n_more = N_SEARCH - N_FIRST_SEARCH
-    added = _table(more, _names(more, -(-n_more // len(ATTRIBUTES)), taken=names))
-    more.shuffle(added)
-    zoo = first[:N_FIRST_SEARCH] + added[:n_more] + first[N_FIRST_SEARCH:n_first]
-    return tuple(zoo), tuple(world)
+    n_zoo = -(-(N_SEARCH + N_HELDOUT) // len(ATTRIBUTES))
+    names = _names(rng, n_zoo + 160)
+    zoo = _table(rng, names[:n_zoo])
+    rng.shuffle(zoo)
+    world = _table(rng, names[n_zoo:])
+    return tuple(zoo[: N_SEARCH + N_HELDOUT]), tuple(world)
 
 
 def add_line(a: int, b: int) -> tuple[str, str]:
@@ -129,12 +104,22 @@ def eval_docs() -> dict[str, dict[str, list[dict]]]:
 
     Generative docs are {"question", "answer"}; fact docs are {"question", "choices", "label"}.
     """
-    first, n_more = N_FIRST_SEARCH + N_HELDOUT, N_SEARCH - N_FIRST_SEARCH
-    rng, more = random.Random(DATA_SEED + 1), random.Random(DATA_SEED + 3)
-    pairs = _unique(lambda: (rng.randint(10, 99), rng.randint(10, 99)), first)
-    words = _unique(lambda: _rand_word(rng), first)
-    pairs += _unique(lambda: (more.randint(10, 99), more.randint(10, 99)), n_more, pairs)
-    words += _unique(lambda: _rand_word(more), n_more, words)
+    rng = random.Random(DATA_SEED + 1)
+    n = N_SEARCH + N_HELDOUT
+    pairs: list[tuple[int, int]] = []
+    seen_pairs: set[tuple[int, int]] = set()
+    while len(pairs) < n:
+        p = (rng.randint(10, 99), rng.randint(10, 99))
+        if p not in seen_pairs:
+            seen_pairs.add(p)
+            pairs.append(p)
+    words: list[str] = []
+    seen_words: set[str] = set()
+    while len(words) < n:
+        w = _rand_word(rng)
+        if w not in seen_words:
+            seen_words.add(w)
+            words.append(w)
     add = [dict(zip(("question", "answer"), add_line(a, b), strict=True)) for a, b in pairs]
     rev = [dict(zip(("question", "answer"), reverse_line(w), strict=True)) for w in words]
     facts = [
@@ -145,15 +130,8 @@ def eval_docs() -> dict[str, dict[str, list[dict]]]:
         }
         for f in fact_tables()[0]
     ]
-    # Order: the first zoo's search documents, its held-out ones, the added search documents
-    # (facts come in split order from fact_tables).
-    docs = {"add": add, "reverse": rev}
-    splits = {
-        k: {"search": v[:N_FIRST_SEARCH] + v[first:], "heldout": v[N_FIRST_SEARCH:first]}
-        for k, v in docs.items()
-    }
-    splits["facts"] = {"search": facts[:N_SEARCH], "heldout": facts[N_SEARCH:]}
-    return {k: splits[k] for k in SKILLS}
+    docs = {"add": add, "facts": facts, "reverse": rev}
+    return {k: {"search": v[:N_SEARCH], "heldout": v[N_SEARCH:n]} for k, v in docs.items()}
 
 
 @lru_cache(maxsize=1)

@@ -108,3 +108,28 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
             raise AssertionError(f"run ended early: {proc.stderr.read().decode()[-2000:]}")
         time.sleep(0.05)
     raise AssertionError("timed out waiting for trials")
+
+
+def with_changes(root: Path, name: str, **changes) -> Path:
+    """A copy of root/study.yaml with top-level or `a__b` (dotted) keys changed, written beside
+    it (its relative model and task paths resolve against the file)."""
+    data = yaml.safe_load((root / "study.yaml").read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def trial_sequence(run_dir: Path) -> list[tuple]:
+    """What must equal between an interrupted-then-resumed run and an uninterrupted one."""
+    from evomerge.runstore import RunStore
+
+    return [
+        (r.proposal, json.dumps(r.genome, sort_keys=True), r.fitness, r.status)
+        for r in RunStore(run_dir).read_trials()
+    ]

@@ -27,7 +27,7 @@ from evomerge.atomic import atomic_write
 from evomerge.disk_full import disk_full_cause, no_space
 from evomerge.errors import EXIT_DISK_FULL, DiskFullError
 from evomerge.runstore import RunStore, TrialRecord
-from tests.study_factory import make_tiny_study
+from tests.study_factory import make_tiny_study, trial_sequence
 
 EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -164,13 +164,6 @@ def study_file(root: Path, optimizer: dict, max_trials: int) -> Path:
     path = root / f"full-{optimizer['name']}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def trial_sequence(run_dir: Path) -> list[tuple]:
-    return [
-        (r.proposal, json.dumps(r.genome, sort_keys=True), r.fitness, r.status)
-        for r in RunStore(run_dir).read_trials()
-    ]
 
 
 def fill_after(trials: Path, n: int, mnt: Path, proc: subprocess.Popen) -> threading.Thread:

@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from evomerge.errors import EXIT_TERMINATED
 from evomerge.runstore import RunStore
-from tests.study_factory import make_tiny_study
+from tests.study_factory import make_tiny_study, trial_sequence, with_changes
 
 EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -32,26 +31,6 @@ def study_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sigterm_study")
     make_tiny_study(root)
     return root
-
-
-def study_file(root: Path, name: str, **changes) -> Path:
-    data = yaml.safe_load((root / "study.yaml").read_text())
-    for dotted, value in changes.items():
-        node = data
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    path = root / f"{name}.yaml"  # beside the models and tasks its relative paths name
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def trial_sequence(run_dir: Path) -> list[tuple]:
-    return [
-        (r.proposal, json.dumps(r.genome, sort_keys=True), r.fitness, r.status)
-        for r in RunStore(run_dir).read_trials()
-    ]
 
 
 def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -88,7 +67,7 @@ def assert_one_clean_stderr(err: str) -> None:
     ids=["cma", "optuna_tpe"],
 )
 def test_sigterm_then_resume_equals_uninterrupted(study_root, tmp_path, optimizer):
-    study = study_file(
+    study = with_changes(
         study_root, f"term-{optimizer['name']}", optimizer=optimizer, budget__max_trials=60
     )
     whole = tmp_path / "whole"
@@ -183,7 +162,7 @@ def test_sigterm_with_the_ray_executor_exits_143_and_shuts_ray_down(study_root, 
     """`group`: the whole process group, as `scancel` or a pod's deletion signal every process,
     so Ray's own processes (raylet, GCS) get the SIGTERM at the same moment as the study."""
     pytest.importorskip("ray")
-    study = study_file(
+    study = with_changes(
         study_root,
         "term-ray",
         budget__max_trials=400,

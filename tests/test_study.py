@@ -16,7 +16,7 @@ import yaml
 from evomerge.cli import main
 from evomerge.recipe_loader import load_recipe_file
 from evomerge.runstore import RunStore
-from tests.study_factory import make_tiny_study, wait_for_lines
+from tests.study_factory import make_tiny_study, trial_sequence, wait_for_lines, with_changes
 
 EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
 
@@ -28,32 +28,11 @@ def study_root(tmp_path_factory) -> Path:
     return root
 
 
-def with_changes(root: Path, name: str, **changes) -> Path:
-    """A copy of the study YAML with top-level or dotted keys changed."""
-    data = yaml.safe_load((root / "study.yaml").read_text())
-    for dotted, value in changes.items():
-        node = data
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def cli(args: list[str], capsys) -> tuple[int, str, str]:
     capsys.readouterr()
     code = main(args)
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-def trial_sequence(run_dir: Path) -> list[tuple]:
-    return [
-        (r.proposal, json.dumps(r.genome, sort_keys=True), r.fitness, r.status)
-        for r in RunStore(run_dir).read_trials()
-    ]
 
 
 def test_run_to_budget_then_status_and_best(study_root, tmp_path, capsys):

@@ -41,6 +41,13 @@ class FitnessConfig(BaseModel):
         0.9, gt=0.5, lt=1, description="racing: how sure a comparison must be to stop a candidate"
     )
     min_items: int = Field(8, ge=1, description="racing: items of every task on rung 0, at least")
+    cohort_rule: Literal["confidence", "halving"] = Field(
+        "confidence",
+        description=(
+            "racing with a generational optimizer (cma): confidence promotes every member whose "
+            "side of the top-mu cut is not yet sure; halving promotes the top 1/eta of each rung"
+        ),
+    )
 
     @property
     def racing(self) -> bool:

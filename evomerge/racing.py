@@ -86,11 +86,23 @@ def race_cohort(members: Sequence[Candidate], incumbent: float | None, ctx: Cont
             at[c.key] = k
         if k == ctx.last:
             break
-        settled = _settled(members, undecided, at, lam, mu, ctx)
-        undecided = [c for c in undecided if c.key not in settled]
+        if ctx.config.cohort_rule == "halving":
+            undecided = _top_fraction(undecided, k, ctx.config.eta)
+        else:
+            settled = _settled(members, undecided, at, lam, mu, ctx)
+            undecided = [c for c in undecided if c.key not in settled]
         if not undecided:
             break
     return _with_incumbent_rule(members, at, incumbent, ctx)
+
+
+def _top_fraction(racing: Sequence[Candidate], k: int, eta: float) -> list[Candidate]:
+    """The best ceil(n / eta) of the members still racing, by their rung-k estimates (ties: the
+    earlier proposal): successive halving inside one generation, so a generation costs
+    lambda x (rung 0) + lambda / eta x (rung 1) + ... whatever the noise."""
+    keep = math.ceil(len(racing) / eta)
+    ranked = sorted(racing, key=lambda c: (-c.results[k].estimate, c.key))
+    return ranked[:keep]
 
 
 def _settled(

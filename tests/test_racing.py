@@ -94,3 +94,27 @@ def test_asha_promotes_the_top_third_of_each_rung() -> None:
     # recomputed later, with more history, a decision stays what it was
     for key, rung in finals.items():
         assert halve_async(sim.cands[key], sim.history, 2.0, CTX).final == {key: rung}
+
+
+def test_halving_cohort_promotes_the_top_third_of_each_rung_and_costs_a_fixed_share() -> None:
+    cfg = FitnessConfig(fidelity="racing", rungs=3, eta=3, cohort_rule="halving")
+    ctx = Context(cfg, RUNGS, CTX.terms)
+    skills = {0: 0.95, 1: 0.9, 2: 0.1, 3: 0.05, 4: 0.50, 5: 0.51, 6: 0.52, 7: 0.49}
+    sim = Sim(skills)
+    while True:
+        plan = race_cohort(list(sim.cands.values()), 2.0, ctx)  # no member beats 2.0
+        if plan.final is not None:
+            final = dict(plan.final)
+            break
+        for job in plan.jobs:
+            sim.run(job.key, job.rung)
+    # 8 on rung 0, ceil(8/3) = 3 on rung 1, ceil(3/3) = 1 on every item, near-ties or not
+    assert sorted(final.values()) == [0, 0, 0, 0, 0, 1, 1, 2]
+    assert final[0] == 2 or final[1] == 2  # the best of rung 1 climbs
+    assert all(final[k] == 0 for k in (2, 3))
+    sizes = [RUNGS.size(r) for r in range(3)]
+    assert sizes[-1] == 300
+    scored = sum(c.results[max(c.results)].items.count for c in sim.cands.values())
+    assert scored == 5 * sizes[0] + 2 * sizes[1] + sizes[2]
+    assert scored < 0.35 * 8 * 300
+    assert race_cohort(list(sim.cands.values()), 2.0, ctx).final == final

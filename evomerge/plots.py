@@ -18,7 +18,7 @@ from evomerge.recipe import Recipe
 from evomerge.runstore import TrialRecord
 
 
-def _figure(nrows: int, ncols: int, figsize: tuple[float, float], **kw: Any) -> tuple[Any, Any]:
+def new_figure(nrows: int, ncols: int, figsize: tuple[float, float], **kw: Any) -> tuple[Any, Any]:
     """A Figure with an Agg canvas, without pyplot: no global backend or figure state is touched
     (safe in notebooks, threads and headless servers)."""
     from matplotlib.figure import Figure
@@ -38,7 +38,7 @@ def fitness_figure(
 ) -> Any:
     """Fitness per trial (dots), best so far (line), failed trials (red x at the bottom)."""
     n = max(len(names), 1)
-    fig, axes = _figure(n, 1, (7, 2.6 * n + 0.6), sharex=True)
+    fig, axes = new_figure(n, 1, (7, 2.6 * n + 0.6), sharex=True)
     for k, ax in enumerate(axes[:, 0]):
         xs = [r.trial for r in records if r.ok and len(r.fitness or []) > k]
         ys = [r.fitness[k] for r in records if r.ok and len(r.fitness or []) > k]
@@ -119,7 +119,7 @@ def coefficients_figure(
     nrows = math.ceil(n / ncols)
     tallest = max(len(r) for r, _, _ in panels.values())
     widest = max(len(c) for _, c, _ in panels.values())
-    fig, axes = _figure(
+    fig, axes = new_figure(
         nrows, ncols, (ncols * (1.6 + 0.9 * widest), nrows * (1.2 + 0.32 * tallest))
     )
     for ax, (panel, (rows, cols, values)) in zip(axes.flat, panels.items(), strict=False):
@@ -176,7 +176,7 @@ def pareto_figure(
         return None
     front = {ok[i].trial for i in pareto_front([r.fitness for r in ok])}
     pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))][:3]
-    fig, axes = _figure(1, len(pairs), (4.4 * len(pairs), 4))
+    fig, axes = new_figure(1, len(pairs), (4.4 * len(pairs), 4))
     for ax, (a, b) in zip(axes[0], pairs, strict=True):
         ax.scatter(
             [r.fitness[a] for r in ok], [r.fitness[b] for r in ok], s=14, color="0.6", label="trial"

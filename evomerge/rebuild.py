@@ -82,6 +82,9 @@ def rebuild_optimizer(
                 f"{store.dir / 'best' / 'recipe.yaml'}"
             ) from None
         raise
+    from evomerge.tracking import rebuild_storage
+
+    rebuild_storage(plan, store, optimizer, records)  # the Optuna mirror, from the same lines
     kept = f"; the previous state files are in {aside}" if aside else ""
     print(
         f"rebuilt the {cls.name} optimizer state from {len(records)} trials in {TRIALS}{kept}",

@@ -175,7 +175,7 @@ def test_notebook_runs_on_the_run(run_dir, reported, tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "held-out report: tiny" in text and "output ensemble" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 3  # fitness, coefficients, pareto
+    assert len(images) == 6  # fitness, coefficients, pareto, best_scores, generations, utilization
     assert not [o for o in outputs if o.output_type == "error"]
 
 

@@ -1,7 +1,7 @@
 """`evomerge report RUN_DIR`: summary, held-out table and plots of a run, without exporting.
 
 Writes RUN_DIR/report/ (report.json, fitness.png, coefficients.png, pareto.png with several
-objectives). The held-out table is cached there; `export` reuses it.
+objectives, best_scores.png, generations.png, utilization.png). The held-out table is cached there; `export` reuses it.
 """
 
 from __future__ import annotations

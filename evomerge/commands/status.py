@@ -1,4 +1,6 @@
-"""`evomerge status RUN_DIR [--json]`: progress, best fitness, best recipe summary."""
+"""`evomerge status RUN_DIR [--json] [--watch [--interval S] [--window S]]`: progress, best
+fitness, best recipe summary; `--watch` redraws a live view (evomerge/status_view.py) until the
+study finishes or Ctrl-C, reading the run directory without locking it."""
 
 from __future__ import annotations
 
@@ -9,6 +11,22 @@ import json
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run directory")
     p.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="redraw a live view until the study finishes or Ctrl-C (plain lines when not a "
+        "terminal); works from any host that shares the run directory",
+    )
+    p.add_argument(
+        "--interval", type=float, default=2.0, metavar="S", help="seconds between redraws (2)"
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="throughput and ETA are measured over the last S seconds (300)",
+    )
 
 
 def summarize(run_dir: str) -> dict:
@@ -35,6 +53,11 @@ def summarize(run_dir: str) -> dict:
         "best": None,
         "run_dir": str(store.dir),
     }
+    from evomerge.memory_measure import plan_vs_measured
+
+    memory = plan_vs_measured(store.dir, records)  # planned vs measured bytes per device
+    if memory is not None:
+        out["memory"] = memory
     holder = lock_holder(store.dir) if state == "running" else None
     if holder:
         out["controller"] = {"host": holder.get("host"), "pid": holder.get("pid")}
@@ -56,6 +79,8 @@ def summarize(run_dir: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch(args)
     info = summarize(args.run_dir)
     if args.json:
         print(json.dumps(info, sort_keys=True))
@@ -66,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         f"{info['name']}: {state}, {info['trials_completed']}/{info['budget']} trials "
         f"({info['failed']} failed, {info['duplicates']} duplicates), {info['seconds_per_trial']} s per trial"
     )
+    if "memory" in info:
+        from evomerge.memory_measure import describe_plan_vs_measured
+
+        print(describe_plan_vs_measured(info["memory"]))
     best = info["best"]
     if best is None:
         print("no successful trial yet")
@@ -79,3 +108,16 @@ def run(args: argparse.Namespace) -> int:
         print("  sections by method: " + ", ".join(f"{k} x{v}" for k, v in best["methods"].items()))
         print(f"  recipe: {best['recipe']}")
     return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from evomerge.errors import ConfigError
+    from evomerge.status_view import watch
+
+    if args.json:
+        raise ConfigError("--watch draws a live view and --json prints one object: pick one")
+    if args.interval <= 0 or args.window <= 0:
+        raise ConfigError(
+            f"--interval {args.interval} and --window {args.window} must be positive seconds"
+        )
+    return watch(args.run_dir, interval=args.interval, window=args.window)

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from evomerge import dtypes
 from evomerge.checkpoint_check import config_mismatch
 from evomerge.errors import CheckpointError, ConfigError, MissingPathError, UnsafeCheckpointError
+from evomerge.lora import AdapterRef, LoraAdapter, find_adapter
 from evomerge.safetensors_stream import read_header
 
 SAFE_SINGLE = "model.safetensors"
@@ -89,31 +90,65 @@ def resolve_model_path(ref: str, *, where: str = "model") -> Path:
         if not path.is_dir():
             raise MissingPathError(f"{where}: {ref} is a file; expected a checkpoint folder")
         return path.resolve()
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not ref.startswith((".", "/")):
+    if is_hub_id(ref):
         return _from_hub(ref, path, where)
     raise MissingPathError(f"{where}: model folder {ref} does not exist")
 
 
+def is_hub_id(ref: str) -> bool:
+    """'org/name' that is no existing path: read as a hub id (resolved through the HF cache)."""
+    return (
+        re.fullmatch(r"[\w.-]+/[\w.-]+", ref) is not None
+        and not ref.startswith((".", "/"))
+        and not Path(ref).expanduser().exists()
+    )
+
+
+# What a hub id brings into the HF cache (here and in `evomerge fetch`): safetensors weights and
+# their index, config.json, generation_config.json, tokenizer files (tokenizer.json and _config,
+# special_tokens_map, added_tokens, vocab.json/merges.txt/vocab.txt, sentencepiece *.model,
+# *.tiktoken), chat templates (chat_template.jinja/.json, additional_chat_templates/) and PEFT
+# adapters (adapter_config.json, adapter_model.safetensors). Pickled weights (*.bin, *.pt,
+# *.pth, *.ckpt, *.pkl) match no pattern, so they never arrive. Safetensors in subfolders
+# (Llama's original/, training checkpoints) and Mistral's consolidated.safetensors (a second
+# copy of the sharded weights) are not the checkpoint transformers loads: skipped.
+HUB_ALLOW_PATTERNS = ("*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+HUB_IGNORE_PATTERNS = ("*/*.safetensors", "consolidated*.safetensors")
+
+
 def _from_hub(ref: str, path: Path, where: str) -> Path:
-    """A hub id from the local cache, or downloaded when HF_HUB_OFFLINE allows it; the error
-    says which of the two failed and what to do (allow downloads, or check the id)."""
+    """A hub id from the local cache, or downloaded unless the user turned downloads off
+    (HF_HUB_OFFLINE, as huggingface_hub reads it); the error says which of the two failed and
+    what to do (allow downloads or run `evomerge fetch` where the hub is reachable; check the id)."""
     from huggingface_hub import constants, snapshot_download
 
-    offline = bool(constants.HF_HUB_OFFLINE)  # as the hub library reads HF_HUB_OFFLINE
-    setting = os.environ.get("HF_HUB_OFFLINE", "1")
+    offline = bool(constants.HF_HUB_OFFLINE)  # HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE)
     try:
-        local = snapshot_download(
-            ref,
-            allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"],
-            local_files_only=offline,
+        local = Path(
+            snapshot_download(
+                ref,
+                allow_patterns=list(HUB_ALLOW_PATTERNS),
+                ignore_patterns=list(HUB_IGNORE_PATTERNS),
+                local_files_only=offline,
+            )
         )
-        return Path(local)
     except Exception as exc:  # hub errors come in many types; the message is what helps
         if offline:
+            var = next(
+                (v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v)),
+                "HF_HUB_OFFLINE",
+            )
+            # an interrupted download: huggingface_hub's listing of the commit names the files
+            # still missing (IncompleteSnapshotError: "... is incomplete: N file(s) are missing")
+            missing = re.search(r"\d+ file\(s\) are missing \([^)]*\)", str(exc))
+            cached = f"not in the hub cache ({constants.HF_HUB_CACHE})"
+            if type(exc).__name__ == "IncompleteSnapshotError" and missing:
+                cached = f"only partly in the hub cache ({constants.HF_HUB_CACHE}: {missing[0]})"
             raise MissingPathError(
-                f"{where}: {ref!r} is no local folder ({path.resolve()} does not exist) and not "
-                f"in the hub cache; downloads are off (HF_HUB_OFFLINE={setting}, evomerge's "
-                "default is 1): set HF_HUB_OFFLINE=0 to download it"
+                f"{where}: {ref!r} is no local folder ({path.resolve()} does not exist) and "
+                f"{cached}; downloads are off "
+                f"({var}={os.environ.get(var, '1')}): set {var}=0 to download it, or run "
+                "`evomerge fetch STUDY.yaml` where the hub is reachable"
             ) from None
         detail = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
         detail = detail.removeprefix("Got: ")[:200]
@@ -123,6 +158,12 @@ def _from_hub(ref: str, path: Path, where: str) -> Path:
             "the id: it may be misspelled, or a gated or private repo (log in with "
             "`hf auth login` or set HF_TOKEN)"
         ) from None
+    if not any(local.glob("*.safetensors")):
+        raise UnsafeCheckpointError(
+            f"{where}: hub id {ref!r} has no safetensors weights (snapshot {local}); evomerge "
+            "does not download pickled weights: use a safetensors revision or convert it"
+        )
+    return local
 
 
 @dataclass(frozen=True)
@@ -141,7 +182,18 @@ class CheckpointReader:
     ) -> None:
         self.ref = str(ref)
         self.where = where
+        self.lora: LoraAdapter | None = None
+        adapter = find_adapter(self.ref, where)
+        if adapter is not None:
+            self._open_adapter(adapter, allow_pickle)
+            return
         self.path = resolve_model_path(str(ref), where=where)
+        adapter = find_adapter(str(self.path), where)  # a hub id naming an adapter
+        if adapter is not None:
+            self._open_adapter(adapter, allow_pickle)
+            return
+        self.location = str(self.path)  # what opens this checkpoint again (a worker's ModelSet)
+        self.tokenizer_path = self.path
         self._pickled: dict[str, torch.Tensor] | None = None
         self._handles: dict[str, Any] = {}
         self.infos: dict[str, TensorInfo] = {}
@@ -170,6 +222,25 @@ class CheckpointReader:
                 )
             self._load_pickled(pickled[0])
         self._check_config()
+
+    def _open_adapter(self, ref: AdapterRef, allow_pickle: bool) -> None:
+        """A LoRA adapter (`evomerge.lora`): its base's tensors, each adapted one W + scale B A
+        when handed out; config (and tokenizer, unless the adapter has its own) of the base."""
+        base = CheckpointReader(
+            ref.base, allow_pickle=allow_pickle, where=f"{self.where} (the adapter's base)"
+        )
+        self.__dict__.update({k: v for k, v in base.__dict__.items() if k not in ("ref", "where")})
+        self._base = base
+        self.lora = LoraAdapter(ref, allow_pickle=allow_pickle, where=self.where)
+        shapes = self.lora.shapes({n: i.shape for n, i in base.infos.items()})
+        # adapted tensors name no safetensors file: readers of raw files then ask `get`
+        self.infos = {
+            n: TensorInfo(n, shapes[n], i.dtype, f"{i.file}#lora") if n in self.lora.targets else i
+            for n, i in base.infos.items()
+        }
+        self._config = self.lora.config(base.config, {n: i.shape for n, i in base.infos.items()})
+        self.location = ref.location
+        self.tokenizer_path = ref.adapter if self.lora.has_tokenizer else base.path
 
     def _read_headers(self, files: list[str], weight_map: Mapping[str, str]) -> None:
         """Names, shapes and dtypes from each shard's header, checked against its size."""
@@ -272,7 +343,9 @@ class CheckpointReader:
         self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """One tensor, optionally moved and cast (the file's dtype otherwise)."""
-        if self._pickled is not None:
+        if self.lora is not None and name in self.lora.targets:
+            t = self.lora.apply(name, self._base.get(name))
+        elif self._pickled is not None:
             t = self._pickled[name]
         else:
             info = self.infos[name]

@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("evomerge.commands.report", "plots and summary table of a run, without exporting"),
     "merge": ("evomerge.commands.merge", "one merge from our recipe YAML or a mergekit YAML"),
     "convert": ("evomerge.commands.convert", "a mergekit-evolve config as a study.yaml"),
+    "fetch": ("evomerge.commands.fetch", "download and check a study's models and datasets"),
     "eval": ("evomerge.commands.eval", "score a checkpoint with lm-eval"),
     "zoo": ("evomerge.commands.zoo", "build the demo model zoo and its study.yaml"),
     "demo": (
@@ -72,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _set_offline_defaults() -> None:
-    """Nothing is fetched from a hub unless the user opts in by setting these to 0."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+def _set_env_defaults() -> None:
+    """Quiet defaults for third-party libraries, each kept when the user set it. The user's
+    Hugging Face settings (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, HF_HOME, ...) are left as they
+    are: hub ids and lm-eval's built-in tasks download as huggingface_hub and datasets define."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Third-party tqdm bars (weights loading, dataset splits, lm-eval requests) would bury our
@@ -86,7 +87,7 @@ def _set_offline_defaults() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _set_offline_defaults()
+    _set_env_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

@@ -43,7 +43,11 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> None:
         if not models or len(models) != len(activators):
             raise ValueError("an ensemble needs one activator per member and at least one member")
-        super().__init__(copy.deepcopy(models[0].config))  # never touch the members' config
+        config = copy.deepcopy(models[0].config)  # never touch the members' config
+        # a MoE member's config names its experts kernel (grouped_mm), which transformers
+        # would check against this class and refuse; the members run their own experts
+        config._experts_implementation = None
+        super().__init__(config)
         # registered as submodules: .device, .parameters() and .eval() then see the members
         self.members = torch.nn.ModuleList(dict.fromkeys(models))  # one copy of a shared model
         self._members = list(zip(models, activators, strict=True))

@@ -60,10 +60,16 @@ def mergekit_config(recipe: Recipe) -> tuple[str | None, str | None]:
     """(mergekit.yaml text, None) or (None, why mergekit cannot reproduce this recipe)."""
     from evomerge.mergekit_yaml import to_mergekit
     from evomerge.plan import build_layout, open_readers, resolve_task
+    from evomerge.vocab import output_remap
 
-    layout = build_layout(recipe, open_readers(recipe))
+    readers = open_readers(recipe)
+    layout = build_layout(recipe, readers)
     try:
-        data = to_mergekit(recipe, [resolve_task(recipe, out) for out in layout])
+        data = to_mergekit(
+            recipe,
+            [resolve_task(recipe, out) for out in layout],
+            vocab_differs=output_remap(readers) is not None,
+        )
     except ConfigError as exc:
         return None, str(exc)
     header = (
@@ -108,7 +114,7 @@ def export_run(
     }
     if mk_text is not None:
         files["mergekit.yaml"] = mk_text
-    files["README.md"] = model_card(rep, view.recipe, mk_reason, sorted(files))
+    files["README.md"] = model_card(rep, view.recipe, mk_reason, sorted(files), mk_text)
     stats = merge_to_disk(
         view.recipe,
         MergeSettings(
@@ -119,6 +125,10 @@ def export_run(
         ),
         extra_files=files,
     )
+    if view.config.tracking.trackers:  # W&B, MLflow: the artifacts and the held-out table
+        from evomerge.tracking import log_export
+
+        log_export(view.config, view.store.dir, out, rep)
     return ExportResult(
         out_dir=out,
         trial=view.record.trial,

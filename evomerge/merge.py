@@ -32,6 +32,7 @@ from evomerge.safetensors_stream import (
     assign_shards,
     shard_names,
 )
+from evomerge.vocab import write_tokenizer
 from evomerge.weighted_sum import weighted_sum_into
 
 
@@ -160,6 +161,7 @@ def merge_to_disk(
         for n in SIDE_FILES:
             if (ref / n).exists():
                 shutil.copy2(ref / n, tmp / n)
+        write_tokenizer(tmp, readers)  # the output vocabulary's, when the rows were re-laid out
         _fix_config(tmp, recipe, tasks, out_dtype)
         for name, content in (extra_files or {}).items():
             path = tmp / name

@@ -192,8 +192,11 @@ def evolve_to_study(
             f"{where}: genome.layer_granularity {g.layer_granularity} does not divide the "
             f"{n_layers} layers of the models (mergekit-evolve's rule)"
         )
+    tokenizer_source = None
     if g.tokenizer_source is not None:
-        _check_tokenizer(g.tokenizer_source, paths, names, base_path, where, base_dir)
+        tokenizer_source = _check_tokenizer(
+            g.tokenizer_source, paths, names, base_path, where, base_dir
+        )
     if cfg.apply_chat_template:
         _check_chat_template(base_path or paths[0], where)
     space = _space(cfg, len(g.models), granularity, n_layers)
@@ -211,6 +214,7 @@ def evolve_to_study(
         "models": {
             "base": base_path,
             "sources": [{"name": n, "path": p} for n, p in zip(names, paths, strict=True)],
+            **({"tokenizer_source": tokenizer_source} if tokenizer_source else {}),
         },
         "search_space": space,
         "tasks": {
@@ -272,9 +276,9 @@ def _check_tokenizer(
     base: str | None,
     where: str,
     base_dir: Path,
-) -> None:
-    """mergekit reworks the embeddings for any tokenizer_source; refuse unless that is the
-    identity (`mergekit_files.check_tokenizer`)."""
+) -> str:
+    """The study's models.tokenizer_source (base, union or a source's name): mergekit reworks
+    the embeddings for it, and so does the study (`evomerge.vocab`)."""
     from evomerge.mergekit_files import check_tokenizer
     from evomerge.mergekit_read import TokenizerSpec
 
@@ -292,6 +296,7 @@ def _check_tokenizer(
         source = match[0]
     spec = TokenizerSpec(source, written, {}, None)
     check_tokenizer(spec, models, "base" if base is not None else None, where)
+    return source
 
 
 def _check_chat_template(path: str, where: str) -> None:

@@ -2,18 +2,15 @@
 
 mergekit rebuilds the embedding rows of every model for the output tokenizer when a
 `tokenizer_source` or `tokenizer:` block is given (permuted to the output vocabulary, resized
-to its length, padded to a multiple). evomerge merges rows as they are (embedding row handling
-is issue 15), which is the same arithmetic exactly when every model has the output tokenizer's
-vocabulary, in the same order, with one row per token: then `union` and `base` are the base's
-tokenizer, and the permutation is the identity. Anything else is refused in one line, never
-merged differently. `dtype` makes mergekit cast the sources before merging; a cast that rounds
+to its length, padded to a multiple). evomerge does the same for `base`, `union` and a model's
+tokenizer, padded or not (`evomerge.vocab`); what it does not do (per-token sources, forced or
+new tokens) is refused in one line, never merged differently. `dtype` makes mergekit cast the sources before merging; a cast that rounds
 is said in a warning (evomerge merges the stored values in float32).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
@@ -39,28 +36,6 @@ def check_mergekit_files(mk: MergekitFile, where: str) -> None:
         _check_cast(mk, where)
 
 
-def _vocab(path: Path) -> dict[str, int] | None:
-    """The tokenizer's `get_vocab()` as mergekit reads it (fast tokenizer), None without one."""
-    import transformers
-
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(path), use_fast=True)
-    except Exception:  # mergekit: "Unable to load tokenizer ... Assuming same as base"
-        return None
-    return dict(tok.get_vocab())
-
-
-def _rows(path: Path) -> int | None:
-    """The embedding rows mergekit assumes: config.json's vocab_size."""
-    import json
-
-    cfg = path / "config.json"
-    if not cfg.exists():
-        return None
-    n = json.loads(cfg.read_text()).get("vocab_size")
-    return n if isinstance(n, int) else None
-
-
 def check_tokenizer(
     spec: TokenizerSpec,
     models: Mapping[str, str],
@@ -69,55 +44,36 @@ def check_tokenizer(
     *,
     labels: Mapping[str, str] | None = None,
 ) -> None:
-    """ConfigError unless mergekit's embedding rework for `spec` is the identity for `models`
-    (name -> path or hub id); `base` is the base model's name (None: the first model);
-    `labels` name the models in messages as the user wrote them."""
-    label = dict(labels or {})
-    from evomerge.checkpoint import resolve_model_path
+    """ConfigError for what of mergekit's embedding rework evomerge does not carry out:
+    `tokenizer.tokens` entries that add, force or re-source a token's rows. The rework itself
+    (union, base or a model's vocabulary, padded rows) is `evomerge.vocab`'s. `models`:
+    name -> path or hub id; `base` the base model's name; `labels` name models as written."""
+    if not spec.tokens:
+        return
+    from evomerge.checkpoint import CheckpointReader
+    from evomerge.vocab import build_remap, output_tokenizer
 
-    names = list(models)
-    donor = base or names[0]
-    paths = {n: resolve_model_path(models[n], where=f"model {n!r}") for n in names}
-    vocabs = {n: _vocab(p) for n, p in paths.items()}
-    if vocabs[donor] is None:
-        raise ConfigError(
-            f"{where}: {spec.written}: model {label.get(donor, donor)!r} has no tokenizer that "
-            "loads, and mergekit builds the output tokenizer from it"
-        )
-    out_name = spec.source if spec.source not in ("base", "union") else donor
-    out_vocab = vocabs[out_name] or vocabs[donor]
-    assert out_vocab is not None
-    unsupported = f"{spec.written} is not supported yet (issue 15)"
-    for n in names:
-        vocab = vocabs[n] if vocabs[n] is not None else vocabs[donor]
-        if vocab != out_vocab:
-            raise ConfigError(
-                f"{where}: {unsupported}: the vocabularies of {label.get(out_name, out_name)!r} and "
-                f"{label.get(n, n)!r} differ "
-                f"({len(out_vocab)} and {len(vocab or {})} tokens"
-                f"{', in another order' if len(out_vocab) == len(vocab or {}) else ''}), so "
-                "mergekit would rebuild the embedding rows"
-            )
-        rows = _rows(paths[n])
-        if rows is not None and rows != len(out_vocab):
-            raise ConfigError(
-                f"{where}: {unsupported}: model {label.get(n, n)!r} has {rows} embedding rows for "
-                f"{len(out_vocab)} tokens, so mergekit would resize its embeddings"
-            )
+    label = dict(labels or {})
+    readers = {n: CheckpointReader(ref, where=f"model {n!r}") for n, ref in models.items()}
+    source = spec.source
+    out_vocab = output_tokenizer(readers, source, base)[0].get_vocab()
     missing = [t for t in spec.tokens if t not in out_vocab]
     forced = [t for t, cfg in spec.tokens.items() if _forced(cfg)]
     if missing or forced:
         what = f"adds token {missing[0]!r}" if missing else f"forces token {forced[0]!r}"
         raise ConfigError(
             f"{where}: tokenizer.tokens {what}; new or re-sourced embedding rows are not "
-            "supported yet (issue 15)"
+            "supported (give the token in a model's tokenizer instead)"
         )
-    pad = spec.pad_to_multiple_of
-    if pad is not None and len(out_vocab) % pad:
-        raise ConfigError(
-            f"{where}: tokenizer.pad_to_multiple_of {pad} would pad the {len(out_vocab)} "
-            "embedding rows; not supported yet (issue 15)"
-        )
+    remap = build_remap(readers, source, base)
+    for t in spec.tokens if remap is not None else ():
+        lacking = [m for m, idx in remap.index.items() if idx[out_vocab[t]] < 0]
+        if lacking:
+            raise ConfigError(
+                f"{where}: tokenizer.tokens sets the rows of {t!r}, which model "
+                f"{label.get(lacking[0], lacking[0])!r} lacks; choosing the source of a "
+                "missing token's rows is not supported (mergekit's default fill is)"
+            )
 
 
 def _forced(cfg: Any) -> bool:

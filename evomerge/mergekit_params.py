@@ -169,36 +169,44 @@ class ParamReader:
         return p.check(coerced, f"{self.where}: {at}")
 
 
-_LORA = (
-    "{ref!r} names a LoRA adapter (model+lora); merge the adapter into its model first "
-    "(e.g. with peft's merge_and_unload) and give that folder"
-)
 _REVISION = (
     "{ref!r} pins a hub revision (model@revision), which evomerge does not fetch; download that "
     "revision and give its folder"
 )
 
 
+def _model_path(value: Any, where: str) -> Any:
+    """A ModelPath: a string, or {path, revision} (revisions refused)."""
+    if isinstance(value, Mapping):
+        if value.get("revision"):
+            raise ConfigError(f"{where}: {_REVISION.format(ref=value.get('path'))}")
+        return value.get("path")
+    return value
+
+
 def model_ref(value: Any, where: str) -> str:
-    """A ModelReference as mergekit parses it ('path', 'path@rev', 'path+lora', or a mapping):
-    the path; LoRA adapters and hub revisions are refused in one line."""
+    """A ModelReference as mergekit parses it ('path', 'path+lora', 'path@rev', a mapping
+    {model, lora} of paths or {path, revision}): the path, or 'base+adapter' for a LoRA
+    (`evomerge.lora`); hub revisions are refused."""
+    if isinstance(value, Mapping) and "path" in value and "model" not in value:
+        value = _model_path(value, where)
     if isinstance(value, Mapping):
         inner = value.get("model")
-        if isinstance(inner, Mapping):
-            if inner.get("revision"):
-                raise ConfigError(f"{where}: {_REVISION.format(ref=inner.get('path'))}")
-            inner = inner.get("path")
-        if value.get("lora"):
-            raise ConfigError(f"{where}: {_LORA.format(ref=inner)}")
         if value.get("override_architecture"):
             warn(f"{where}: override_architecture is ignored (the tensors decide)")
+        inner = _model_path(inner, where)
+        lora = _model_path(value.get("lora"), where)
+        if lora:
+            if not isinstance(inner, str) or not inner or not isinstance(lora, str):
+                raise ConfigError(f"{where}: expected a model path and a LoRA path, got {value!r}")
+            inner = f"{inner}+{lora}"
         value = inner
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a model path, got {value!r}")
-    if "+" in value:
-        raise ConfigError(f"{where}: {_LORA.format(ref=value)}")
     if "@" in value:
         raise ConfigError(f"{where}: {_REVISION.format(ref=value)}")
+    if value.count("+") > 1:
+        raise ConfigError(f"{where}: {value!r} is not BASE+ADAPTER (mergekit's LoRA syntax)")
     return value
 
 

@@ -74,7 +74,7 @@ def _name_models(refs: list[str]) -> dict[str, str]:
             continue
         stem = Path(ref.rstrip("/")).name or ref
         name, k = stem, 2
-        while name in names:
+        while name in names or name == "union":  # a tokenizer_source keyword
             name, k = f"{stem}-{k}", k + 1
         names[name] = ref
     return names
@@ -82,7 +82,9 @@ def _name_models(refs: list[str]) -> dict[str, str]:
 
 def _abs(ref: str, base_dir: Path | None) -> str:
     """mergekit resolves a relative path from the working directory; a path that exists only
-    next to the file means that file's folder."""
+    next to the file means that file's folder (each side of a LoRA's 'base+adapter')."""
+    if "+" in ref and not Path(ref).exists():
+        return "+".join(_abs(part, base_dir) for part in ref.split("+"))
     if (
         base_dir is not None
         and not Path(ref).is_absolute()
@@ -134,7 +136,7 @@ def read_mergekit(
         if not isinstance(models_in, list):
             raise ConfigError(f"{where}: models must be a list, got {models_in!r}")
         for i, m in enumerate(models_in):
-            ref = rd.model_ref(m, f"models[{i}]")
+            ref = rd.model_ref(m.get("model") if isinstance(m, Mapping) else m, f"models[{i}]")
             at = f"models[{i}] ({ref})"
             params: dict[str, Any] = {}
             if isinstance(m, Mapping):
@@ -168,17 +170,18 @@ def read_mergekit(
     rd.flush()
     dtype = _dtype_name(rd, data.get("dtype"), "dtype")
     out_dtype = _dtype_name(rd, data.get("out_dtype"), "out_dtype")
-    tokenizer_source = None
+    tokenizer_source = None  # our Recipe's: a model's name, "base" or "union" (evomerge.vocab)
     if tok is not None:
         if tok.source == "base":
-            tokenizer_source = base
-        elif tok.source != "union":
-            tokenizer_source = by_ref[tok.source]
+            tokenizer_source = base or "base"
+        else:
+            tokenizer_source = by_ref.get(tok.source, tok.source)
     recipe = {
         "models": {n: _abs(r, base_dir) for n, r in names.items()},
         "base_model": base,
         "dtype": out_dtype or dtype,
         "tokenizer_source": tokenizer_source,
+        "pad_to_multiple_of": tok.pad_to_multiple_of if tok is not None else None,
         "sections": sections,
         "slices": recipe_slices,
     }

@@ -43,13 +43,17 @@ class TensorTaskLike(Protocol):
     def global_params(self) -> dict[str, Any]: ...
 
 
-def to_mergekit(recipe: Recipe, tasks: Sequence[TensorTaskLike]) -> dict[str, Any]:
+def to_mergekit(
+    recipe: Recipe, tasks: Sequence[TensorTaskLike], *, vocab_differs: bool = False
+) -> dict[str, Any]:
     """mergekit YAML reproducing the same tensors, or ConfigError saying why it cannot.
 
     `tasks` are the recipe's tensors resolved by `plan` (`plan_merge`, or `resolve_task` over
     `build_layout`), one per output tensor in layout order. Per-layer values become gradient
     lists with one entry per layer (exact at each layer); name filters become mergekit filter
-    lists; non-layer tensors get exact-name filters first.
+    lists; non-layer tensors get exact-name filters first. `vocab_differs`: the models'
+    vocabularies differ, so the recipe's `tokenizer_source` re-lays out their rows
+    (`evomerge.vocab`) and must be written.
     """
     from evomerge.methods import METHODS
 
@@ -108,14 +112,27 @@ def to_mergekit(recipe: Recipe, tasks: Sequence[TensorTaskLike]) -> dict[str, An
         "parameters": global_params,
     }
     # mergekit feeds base_model to every method as one more input (linear would then ask for its
-    # weight), so name it only where our tasks use it. tokenizer_source is left out: mergekit then
-    # copies config and tokenizer from base_model (or the first model) without re-mapping the
-    # embeddings, which a tokenizer_source would trigger.
+    # weight), so name it only where our tasks use it. tokenizer_source is written when it says
+    # more than "the base's" or the vocabularies differ: without one mergekit copies config and
+    # tokenizer from base_model (or the first model) without re-mapping the embeddings.
     spec = METHODS.get(method)
     # skips_base_model: the base is the origin of the others' task vectors (nuslerp, multislerp)
     uses_base = spec.needs_base or spec.skips_base_model or recipe.base_model in participants
     if recipe.base_model and uses_base:
         out["base_model"] = recipe.models[recipe.base_model]
+    source = recipe.tokenizer_source
+    if source is not None and (vocab_differs or source != recipe.base_model):
+        if vocab_differs and recipe.base_model and not uses_base:
+            raise ConfigError(
+                "the models' vocabularies differ and the base fills the rows of tokens a model "
+                f"lacks, but {method} takes no base_model in mergekit, which would fill them "
+                "from the other models only"
+            )
+        source = "base" if source == recipe.base_model else recipe.models.get(source, source)
+        if recipe.pad_to_multiple_of is None:
+            out["tokenizer_source"] = source
+        else:
+            out["tokenizer"] = {"source": source, "pad_to_multiple_of": recipe.pad_to_multiple_of}
     out["dtype"] = "float32"
     if recipe.dtype:
         out["out_dtype"] = recipe.dtype

@@ -1,11 +1,22 @@
 """The model card (README.md) of an exported merge, written from its `Report` and recipe alone:
-provenance (sources, search space, optimizer, trials), scores, how to rebuild and load it."""
+provenance (sources, search space, optimizer, trials), scores, how to rebuild and load it.
+
+The YAML front matter is the metadata the Hugging Face Hub reads for merges, written by
+huggingface_hub's `ModelCardData` (so `ModelCard.load` reads it back) with what mergekit's card
+has: `base_model` (the hub ids among the models, base first: the Hub refuses a card whose
+base_model is no model id, so local folders are named only in the body and under `evomerge`),
+`tags` [merge, mergekit, evomerge], `library_name: transformers`, and the mergekit config in
+the body as a yaml block; plus `evomerge`: version, run, trial, fitness, held-out means, models.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from typing import Any
 
 from evomerge import __version__
+from evomerge.checkpoint import is_hub_id
 from evomerge.recipe import Recipe
 from evomerge.report_model import Report
 from evomerge.report_table import markdown_heldout_table
@@ -42,8 +53,84 @@ def _method_line(report: Report, recipe: Recipe) -> str:
 """
 
 
-def model_card(report: Report, recipe: Recipe, mk_reason: str | None, files: list[str]) -> str:
-    """README.md of the export; `mk_reason` is why there is no mergekit.yaml (None: there is)."""
+# a hub id's folder in the HF hub cache: <cache>/models--<org>--<name>/snapshots/<commit>
+_SNAPSHOT = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[0-9a-f]{40}/?$")
+
+
+def hub_id(ref: str) -> str | None:
+    """'org/name' for a hub id, or for the cached snapshot folder a hub id resolved to (what a
+    recipe holds); None for any other folder."""
+    if is_hub_id(ref):
+        return ref
+    m = _SNAPSHOT.search(ref.strip())
+    return f"{m[1]}/{m[2]}" if m else None
+
+
+def hub_base_models(report: Report, recipe: Recipe) -> list[str]:
+    """The hub ids among the merged models, base first: as the study named them, then as the
+    recipe resolved them (a LoRA source's base, `base+adapter`); each part of a mergekit
+    `model+adapter` reference counts, as mergekit's card lists them."""
+    models = report.run.models
+    refs = ([models.base] if models.base else []) + list(models.sources.values())
+    refs += list(recipe.models.values())
+    ids = [hub_id(part) for ref in refs for part in ref.split("+")]
+    return list(dict.fromkeys(i for i in ids if i))
+
+
+def front_matter(report: Report, recipe: Recipe) -> str:
+    """The card's YAML metadata (without the --- fences or a last newline), as huggingface_hub
+    writes it."""
+    from huggingface_hub import ModelCardData
+
+    run, tr = report.run, report.trial
+    provenance: dict[str, Any] = {
+        "version": __version__,
+        "run": run.name,
+        "trial": tr.trial,
+        "best": tr.is_best,
+        "trials": run.trials,
+        "fitness": {n: float(v) for n, v in zip(run.objectives, tr.fitness, strict=False)},
+        "search_tasks": list(run.search_tasks),
+        "heldout_tasks": list(run.heldout_tasks),
+        "models": {"base": run.models.base, "sources": dict(run.models.sources)},
+    }
+    if report.scored and report.heldout:
+        provenance["heldout_mean"] = {
+            row.name: None if row.mean is None else round(float(row.mean), 6)
+            for row in report.heldout
+        }
+    bases = hub_base_models(report, recipe)
+    extra: dict[str, Any] = {"base_model_relation": "merge"} if bases else {}
+    data = ModelCardData(
+        base_model=bases or None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["merge", "mergekit", "evomerge"],
+        **extra,
+        evomerge=provenance,
+    )
+    return data.to_yaml()
+
+
+def _configuration(mk_reason: str | None, mergekit_yaml: str | None) -> str:
+    """The mergekit config as mergekit's own card shows it, or why there is none."""
+    if mk_reason is not None or not mergekit_yaml:
+        return f"{_mergekit_line(mk_reason)}\n"
+    return (
+        "The following mergekit configuration (`mergekit.yaml`) reproduces these weights with "
+        f"`mergekit-yaml mergekit.yaml OUT`:\n\n```yaml\n{mergekit_yaml.rstrip()}\n```\n"
+    )
+
+
+def model_card(
+    report: Report,
+    recipe: Recipe,
+    mk_reason: str | None,
+    files: list[str],
+    mergekit_yaml: str | None = None,
+) -> str:
+    """README.md of the export; `mk_reason` is why there is no mergekit.yaml (None: there is,
+    and `mergekit_yaml` is its text, shown in the card)."""
     run, tr = report.run, report.trial
     base = f"- base: `{run.models.base}`\n" if run.models.base else ""
     sources = "".join(f"- `{name}`: `{path}`\n" for name, path in run.models.sources.items())
@@ -57,8 +144,7 @@ def model_card(report: Report, recipe: Recipe, mk_reason: str | None, files: lis
     )
     plots = "".join(f"![{f}]({f})\n" for f in files if f.endswith(".png"))
     return f"""---
-library_name: transformers
-tags: [merge, evomerge]
+{front_matter(report, recipe)}
 ---
 # {run.name}: evolved merge (trial {tr.trial})
 
@@ -78,6 +164,8 @@ Fitness: {fitness}.
 {scores}
 ### Held-out report
 {markdown_heldout_table(report)}
+## Configuration
+{_configuration(mk_reason, mergekit_yaml)}
 ## Reproduce
 - `recipe.yaml`: `evomerge merge recipe.yaml --out DIR` rebuilds these weights.
 - {_mergekit_line(mk_reason)}

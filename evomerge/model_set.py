@@ -15,6 +15,9 @@ class ModelSet(BaseModel):
     model_config = ConfigDict(frozen=True)
     paths: dict[str, str] = Field(description="model name -> local checkpoint folder, base first")
     base: str | None = Field(None, description="name of the common base, if the study has one")
+    tokenizer_source: str | None = Field(
+        None, description="base, union or a model's name: the output vocabulary (evomerge.vocab)"
+    )
 
     @model_validator(mode="after")
     def _base_first(self) -> ModelSet:

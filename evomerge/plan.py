@@ -79,9 +79,12 @@ def model_layout(readers: Mapping[str, CheckpointReader], reference: str) -> lis
                     "do not share one architecture"
                 )
             if other.shape != info.shape:
+                rows = other.shape[1:] == info.shape[1:] and layer_index(name) is None
                 raise IncompatibleModelsError(
                     f"tensor {name!r} has shape {list(info.shape)} in {reference!r} but "
                     f"{list(other.shape)} in {m!r}"
+                    + ("; if tokens were added, set tokenizer_source (base, union or a "
+                       "model's name)" if rows else "")
                 )
         layer = layer_index(name)
         t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
@@ -223,10 +226,22 @@ def resolve_task(recipe: Recipe, out: OutTensor, index: int | None = None) -> Te
 
 
 def open_readers(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, CheckpointReader]:
-    return {
+    """Every model's reader; with a `tokenizer_source`, in that output vocabulary (`vocab`)."""
+    readers = {
         name: CheckpointReader(ref, allow_pickle=allow_pickle, where=f"model {name!r}")
         for name, ref in recipe.models.items()
     }
+    if recipe.tokenizer_source is None:
+        return readers
+    from evomerge.vocab import recipe_fill, remap_readers
+
+    return remap_readers(
+        readers,
+        recipe.tokenizer_source,
+        recipe.base_model,
+        recipe_fill(recipe),
+        pad_to_multiple_of=recipe.pad_to_multiple_of,
+    )
 
 
 def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> list[TensorTask]:

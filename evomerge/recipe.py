@@ -108,7 +108,15 @@ class Recipe(BaseModel):
         None, description="output dtype; none = the base model's (or first model's)"
     )
     tokenizer_source: str | None = Field(
-        None, description="model whose tokenizer and config are copied"
+        None,
+        description="output tokenizer, as in mergekit: base, union or a model's name; the "
+        "token rows of every model are re-laid out in its vocabulary (`evomerge.vocab`)",
+    )
+    pad_to_multiple_of: int | None = Field(
+        None,
+        ge=1,
+        description="with tokenizer_source: the token rows padded to a multiple (mergekit's "
+        "tokenizer.pad_to_multiple_of; padding rows are the mean of the token rows)",
     )
     seed: int = Field(
         0, description="seed of random methods (DARE, DELLA), combined with each tensor name"
@@ -125,8 +133,14 @@ class Recipe(BaseModel):
             raise ValueError(
                 f"base_model {self.base_model!r} is not one of models ({', '.join(self.models)})"
             )
-        if self.tokenizer_source is not None and self.tokenizer_source not in known:
-            raise ValueError(f"tokenizer_source {self.tokenizer_source!r} is not one of models")
+        if self.tokenizer_source is not None and self.tokenizer_source not in (
+            known | {"base", "union"}
+        ):
+            raise ValueError(
+                f"tokenizer_source {self.tokenizer_source!r} is not base, union or one of models"
+            )
+        if self.pad_to_multiple_of is not None and self.tokenizer_source is None:
+            raise ValueError("pad_to_multiple_of needs a tokenizer_source")
         if not self.sections:
             raise ValueError("sections is empty")
         for i, s in enumerate(self.sections):
@@ -144,7 +158,9 @@ class Recipe(BaseModel):
     @property
     def reference_model(self) -> str:
         """The model whose config, tokenizer and tensor layout the output follows."""
-        return self.tokenizer_source or self.base_model or next(iter(self.models))
+        if self.tokenizer_source in self.models:
+            return self.tokenizer_source
+        return self.base_model or next(iter(self.models))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

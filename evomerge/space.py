@@ -12,7 +12,7 @@ every optimizer. Gene names look like `L0-1.attn.method` or `L0-1.attn.ties.math
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -130,6 +130,27 @@ def load_space(preset: str | None, overrides: Mapping[str, Any] | None, where: s
         return SpaceConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {format_validation_error(exc)}") from None
+
+
+def fit_tensor_groups(config: SpaceConfig, tensor_names: Iterable[str], where: str) -> SpaceConfig:
+    """A preset's role filters in the models' own names: a `self_attn` group on GPT-2 (whose
+    attention is `attn`) or GPT-NeoX (`attention`) would match nothing and its genes would act on
+    nothing, so such a filter becomes the architecture's (one warning line says so)."""
+    from evomerge.architectures import role_filter
+    from evomerge.mergekit_params import warn
+
+    names = list(tensor_names)
+    groups = []
+    for g in config.tensor_groups:
+        fit = role_filter(g.filter, names) if g.filter else None
+        if fit is not None:
+            warn(
+                f"{where}.tensor_groups[{g.name}]: filter {g.filter!r} matches no tensor of these "
+                f"models; using {fit[0]!r}, their {fit[1]} modules"
+            )
+            g = g.model_copy(update={"filter": fit[0]})
+        groups.append(g)
+    return config.model_copy(update={"tensor_groups": groups})
 
 
 @dataclass(frozen=True)
@@ -266,7 +287,7 @@ class SearchSpace:
         return Recipe(
             models=dict(self.models.paths),
             base_model=self.models.base,
-            tokenizer_source=self.models.base,
+            tokenizer_source=self.models.tokenizer_source or self.models.base,
             dtype=self.dtype,
             seed=self.seed,
             sections=sections,

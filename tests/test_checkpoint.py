@@ -272,8 +272,8 @@ def test_hub_hint_says_what_to_do_in_each_mode(tmp_path, offline):
     assert line.startswith("evomerge: error: MODEL_DIR: 'no-such-org/no-such-model' is no local")
     assert str(tmp_path / "no-such-org" / "no-such-model") in line
     if offline == "1":
-        assert "downloads are off (HF_HUB_OFFLINE=1, evomerge's default is 1)" in line
-        assert "set HF_HUB_OFFLINE=0 to download it" in line
+        assert "downloads are off (HF_HUB_OFFLINE=1): set HF_HUB_OFFLINE=0 to download it" in line
+        assert "or run `evomerge fetch STUDY.yaml` where the hub is reachable" in line
     else:
         assert "HF_HUB_OFFLINE" not in line
         assert "could not be downloaded from the hub (LocalEntryNotFoundError: " in line

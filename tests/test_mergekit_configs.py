@@ -246,7 +246,7 @@ def test_cli_prints_one_line_per_warning_and_error(zoo, tmp_path):
         "it; did you mean 'dtype'?",
     ]
     proc = subprocess.run(
-        [*cmd, "33-tokenizer-union-other-vocab.yaml", "--out", str(tmp_path / "b")],
+        [*cmd, "38-slerp-three-models.yaml", "--out", str(tmp_path / "b")],
         cwd=root,
         env=env,
         capture_output=True,
@@ -254,8 +254,7 @@ def test_cli_prints_one_line_per_warning_and_error(zoo, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith(
-        "evomerge: error: 33-tokenizer-union-other-vocab.yaml: tokenizer_source: union is not "
-        "supported yet (issue 15): the vocabularies of 'math' and 'other' differ (64 and 64 "
-        "tokens, in another order)"
+        "evomerge: error: 38-slerp-three-models.yaml: models: method 'slerp' takes exactly 2 "
+        "models, got 3"
     )
     assert len(proc.stderr.strip().splitlines()) == 1

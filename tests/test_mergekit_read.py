@@ -141,7 +141,7 @@ def test_what_mergekit_ignores_is_one_warning_line_each(caplog):
         ({"merge_method": "lineer", "models": ["/a"]}, "did you mean 'linear'"),
         ({"merge_method": "linear"}, "give exactly one of `models` or `slices`"),
         ({"merge_method": "linear", "models": [3]}, r"models\[0\]: expected a model path, got 3"),
-        ({"merge_method": "linear", "models": ["/a+/lora"]}, "names a LoRA adapter"),
+        ({"merge_method": "linear", "models": ["/a+/l+/x"]}, "is not BASE\\+ADAPTER"),
         ({"merge_method": "linear", "models": ["org/m@v2"]}, "pins a hub revision"),
         ({"merge_method": "linear", "modules": {"text": {}}}, "modules: .* is not supported"),
         (
@@ -273,39 +273,31 @@ def test_a_shared_tokenizer_makes_union_and_base_the_identity(models):
 
 
 @pytest.mark.parametrize(
-    ("extra", "needle"),
-    [
-        (
-            {"tokenizer_source": "union"},
-            "tokenizer_source: union is not supported yet (issue 15): the vocabularies of "
-            "'{root}/base' and '{root}/shuffled' differ (64 and 64 tokens, in another order)",
-        ),
-        (
-            {"tokenizer": {"source": "base"}},
-            "tokenizer.source: base is not supported yet (issue 15)",
-        ),
-    ],
+    ("extra", "source"),
+    [({"tokenizer_source": "union"}, "union"), ({"tokenizer": {"source": "base"}}, "base")],
 )
-def test_a_different_vocabulary_is_refused_in_one_line(models, extra, needle):
-    with pytest.raises(ConfigError) as info:
-        check(models, ta(models, "a", "shuffled", **extra))
-    assert needle.format(root=models) in str(info.value)
+def test_a_different_vocabulary_is_read_for_the_rows_to_be_re_laid_out(models, extra, source):
+    """Another vocabulary is no refusal since issue 15: the recipe keeps the tokenizer source
+    and `evomerge.vocab` re-lays out the rows (tests/test_vocab.py checks them)."""
+    check(models, ta(models, "a", "shuffled", **extra))
+    mk = read_mergekit(ta(models, "a", "shuffled", **extra), where="cfg", base_dir=models)
+    assert mk.recipe.tokenizer_source == source
 
 
 def test_tokenizer_blocks_that_would_change_embedding_rows_are_refused(models):
-    with pytest.raises(ConfigError, match="has 72 embedding rows for 70 tokens"):
-        check(
-            models,
-            {
-                "merge_method": "linear",
-                "models": [{"model": str(models / "wide"), "parameters": {"weight": 1}}],
-                "tokenizer_source": "base",
-            },
-        )
+    check(  # 72 rows for 70 tokens: mergekit keeps the 70 token rows, and so does evomerge.vocab
+        models,
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(models / "wide"), "parameters": {"weight": 1}}],
+            "tokenizer_source": "base",
+        },
+    )
     with pytest.raises(ConfigError, match=r"tokenizer\.tokens adds token 'new'"):
         check(models, ta(models, "a", tokenizer={"tokens": {"new": {}}}))
-    with pytest.raises(ConfigError, match="pad_to_multiple_of 48 would pad the 64 embedding rows"):
-        check(models, ta(models, "a", tokenizer={"pad_to_multiple_of": 48}))
+    check(models, ta(models, "a", tokenizer={"pad_to_multiple_of": 48}))  # padded: evomerge.vocab
+    mk = read_mergekit(ta(models, "a", tokenizer={"pad_to_multiple_of": 48}), where="c")
+    assert mk.recipe.tokenizer_source == "union" and mk.recipe.pad_to_multiple_of == 48
 
 
 def test_a_dtype_that_rounds_the_sources_is_a_warning(models, caplog):

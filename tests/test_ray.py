@@ -14,9 +14,7 @@ from collections import Counter
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # offline: tests/conftest.py, for every test
 
 ray = pytest.importorskip("ray")
 

@@ -10,13 +10,8 @@ lm-eval's internals are used in `evomerge.scoring.lm_eval_adapter` only; the pla
 
 from __future__ import annotations
 
-import os
-
-# Before lm_eval/datasets/transformers are imported anywhere through us: never reach a hub
-# unless the user opted in by setting these to 0.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
+# The user's HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are respected (evomerge sets neither): a
+# built-in task's dataset downloads unless the user or the test suite turned downloads off.
 from evomerge.scoring.catalog import check_tasks, describe_tasks
 from evomerge.scoring.config import (
     PUBLIC_BENCHMARKS,

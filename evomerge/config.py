@@ -20,7 +20,9 @@ from evomerge.executors import EXECUTORS
 from evomerge.fidelity import FitnessConfig
 from evomerge.objective import ObjectiveConfig
 from evomerge.optimizers import OPTIMIZERS
+from evomerge.residency import Residency
 from evomerge.scoring.config import ScoringSettings
+from evomerge.tracking.config import TrackingConfig
 from evomerge.yaml_io import format_validation_error, read_yaml
 
 
@@ -45,6 +47,11 @@ class ModelsConfig(_Frozen):
         None, description="the common base checkpoint the sources were fine-tuned from"
     )
     sources: list[SourceModel] = Field(description="the fine-tunes to merge")
+    tokenizer_source: str | None = Field(
+        None,
+        description="output tokenizer when the vocabularies differ (tokens were added): base, "
+        "union or a source's name, as in mergekit; every model's token rows are re-laid out in it",
+    )
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -67,6 +74,11 @@ class ModelsConfig(_Frozen):
             raise ValueError(f"source names repeat: {names}")
         if "base" in names and self.base:
             raise ValueError("'base' is reserved for models.base; rename that source")
+        src = self.tokenizer_source
+        if src is not None and src not in ("base", "union", *names):
+            raise ValueError(
+                f"tokenizer_source {src!r} is not base, union or a source's name ({', '.join(names)})"
+            )
         return self
 
 
@@ -152,6 +164,11 @@ class BudgetConfig(_Frozen):
 class ExecutorConfig(_PluginSection):
     kind: str = Field("local", description="a registered executor: local, ray")
     workers: int = Field(1, ge=1)
+    residency: Residency = Field(
+        "auto",
+        description="where each worker keeps the sources: device (all resident), host "
+        "(streamed to the device per candidate), disk (memory-mapped), auto (the memory plan picks)",
+    )
 
     @model_validator(mode="after")
     def _options_of_the_executor(self) -> ExecutorConfig:
@@ -175,6 +192,9 @@ class StudyConfig(_Frozen):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: str = Field("float32", description="dtype of the live model and the merged output")
     seed: int = 0
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="experiment trackers: wandb, mlflow (off)"
+    )
 
     @field_validator("name")
     @classmethod

@@ -314,9 +314,16 @@ def build_report(
 
 
 def report_plots(view: RunView) -> dict[str, bytes]:
-    """fitness.png, coefficients.png and (several objectives) pareto.png, as PNG bytes."""
+    """fitness.png, coefficients.png, (several objectives) pareto.png, and how the search went:
+    best_scores.png, generations.png, utilization.png (evomerge.plots_progress), as PNG bytes."""
     from evomerge.plots import run_plots
+    from evomerge.plots_progress import generation_size, progress_plots
 
-    return run_plots(
+    plots = run_plots(
         view.records, view.objective_names, view.recipe, view.searched_params(), view.record.trial
     )
+    opt = view.config.optimizer
+    size, generational = generation_size(
+        opt.name, opt.options, len(view.plan.space.dimensions())
+    )
+    return {**plots, **progress_plots(view.records, size, generational, opt.name)}

@@ -5,25 +5,52 @@ then materialized by running the same TensorTasks as a disk merge and copying th
 the model's parameters: no disk, no new model object, milliseconds of bookkeeping.
 
 Memory: (M + 1) x P x bytes-per-weight for P parameters and M sources plus a base (e.g. 7B bf16
-with 3 sources + base: 4 x 14 GB = 56 GB resident, plus the 14 GB live model).
+with 3 sources + base: 4 x 14 GB = 56 GB resident, plus the 14 GB live model). That is the
+`device` residency tier; `evomerge.residency` holds the sources on the host or on disk instead,
+behind the same `Sources.feed` the merger reads them through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import Protocol
 
 import torch
 
 from evomerge.checkpoint import CheckpointReader
 from evomerge.errors import IncompatibleModelsError
 from evomerge.merge import run_task
-from evomerge.plan import OutTensor, build_layout, resolve_task
+from evomerge.plan import OutTensor, TensorTask, build_layout, resolve_task
 from evomerge.recipe import Recipe
+
+Loader = Callable[[str, str], torch.Tensor]  # (model, tensor name) -> the tensor as stored
+
+
+class Sources(Protocol):
+    """Where a worker's source tensors live (a residency tier), as the merger reads them."""
+
+    device: torch.device
+    compute_dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Host or device bytes the sources hold between candidates."""
+        ...
+
+    def feed(
+        self, tasks: Sequence[TensorTask], devices: Sequence[torch.device]
+    ) -> Generator[Loader, None, None]:
+        """One loader per task, in order, serving its sources on devices[i]; a loader is valid
+        until the next one is taken."""
+        ...
 
 
 class ResidentSources:
-    """All tensors of the source models, in memory on one device."""
+    """All tensors of the source models, in memory on one device (the `device` tier)."""
+
+    tier = "device"
 
     def __init__(
         self,
@@ -31,19 +58,22 @@ class ResidentSources:
         *,
         device: str | torch.device = "cpu",
         compute_dtype: torch.dtype = torch.float32,
+        placement: Mapping[str, torch.device] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         self.tensors: dict[tuple[str, str], torch.Tensor] = {}
+        where = placement or {}  # tensor name -> its device, for a worker that spans devices
         for model, reader in readers.items():
             for name in reader.names():
-                t = reader.get(name, device=self.device)
+                t = reader.get(name, device=where.get(name, self.device))
                 if t.device.type == "cpu":
                     # safetensors hands out views of the mmapped file: copy them into process
                     # memory, or every candidate pays page faults, and disk reads once the page
                     # cache drops the file (seen: 3.6 s instead of 0.24 s per merge)
                     t = t.clone()
                 self.tensors[(model, name)] = t
+            reader.close()  # unmap its files: their pages would count in the RSS beside the copies
 
     def load(self, model: str, name: str) -> torch.Tensor:
         """The tensor as stored; run_task casts it (per chunk when it can)."""
@@ -53,12 +83,19 @@ class ResidentSources:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def feed(
+        self, tasks: Sequence[TensorTask], devices: Sequence[torch.device]
+    ) -> Generator[Loader, None, None]:
+        """Everything is resident already: the same loader for every task."""
+        for _ in tasks:
+            yield self.load
+
 
 class InPlaceMerger:
     """Writes a recipe's merged tensors into live tensors (a model's parameters)."""
 
     def __init__(
-        self, targets: Mapping[str, torch.Tensor], sources: ResidentSources, layout: list[OutTensor]
+        self, targets: Mapping[str, torch.Tensor], sources: Sources, layout: list[OutTensor]
     ) -> None:
         missing = [o.name for o in layout if o.name not in targets]
         if missing:
@@ -69,6 +106,7 @@ class InPlaceMerger:
         self.sources = sources
         self.layout = layout
         self.targets = {o.name: targets[o.name] for o in layout}
+        self._cuda = sorted({str(t.device) for t in self.targets.values() if t.is_cuda})
 
     @classmethod
     def for_model(
@@ -76,24 +114,31 @@ class InPlaceMerger:
         model: torch.nn.Module,
         recipe: Recipe,
         readers: Mapping[str, CheckpointReader],
-        sources: ResidentSources,
+        sources: Sources,
     ) -> InPlaceMerger:
-        """Targets are the model's own parameters, so merging updates the model directly."""
-        return cls(model.state_dict(keep_vars=True), sources, build_layout(recipe, readers))
+        """Targets are the model's own parameters (or views of them where transformers fused
+        checkpoint tensors), so merging updates the model directly."""
+        from evomerge.architectures import live_targets
+
+        layout = build_layout(recipe, readers)
+        return cls(live_targets(model, {o.name: o.shape for o in layout}), sources, layout)
 
     @torch.no_grad()
     def apply(self, recipe: Recipe) -> float:
         """Materialize `recipe` into the targets; returns seconds spent (synchronized on CUDA)."""
         t0 = time.perf_counter()
         tasks = [resolve_task(recipe, out) for out in self.layout]
-        for task in tasks:
-            run_task(
-                task,
-                self.sources.load,
-                device=self.sources.device,
-                compute_dtype=self.sources.compute_dtype,
-                out=self.targets[task.out.name],
-            )
-        if self.sources.device.type == "cuda":
-            torch.cuda.synchronize(self.sources.device)
+        outs = [self.targets[task.out.name] for task in tasks]
+        # each tensor is merged on the device its parameter lives on, its sources served there
+        with contextlib.closing(self.sources.feed(tasks, [o.device for o in outs])) as loaders:
+            for task, out, load in zip(tasks, outs, loaders, strict=True):
+                run_task(
+                    task,
+                    load,
+                    device=out.device,
+                    compute_dtype=self.sources.compute_dtype,
+                    out=out,
+                )
+        for device in self._cuda:
+            torch.cuda.synchronize(device)
         return time.perf_counter() - t0

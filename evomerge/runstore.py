@@ -49,7 +49,12 @@ class TrialRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     worker: str = ""
     duplicate_of: int | None = None
-    finished_at: float = 0.0
+    finished_at: float = 0.0  # wall clock of the controller when the line was appended
+    # wall clock of the worker when it began this evaluation, which then took seconds["total"]
+    # (0.0: not recorded, as in runs from before; evomerge.run_metrics derives it then)
+    started_at: float = 0.0
+    # peak bytes per device the worker measured, on its first candidate (evomerge.memory_plan)
+    memory: dict[str, int] | None = None
     # fidelity (evomerge/fidelity.py): with racing, one line per rung a candidate is scored on
     rung: int | None = None  # None: every item at once (fitness.fidelity full)
     items: int = 0  # items this evaluation scored (their values: items/<trial>.npz)

@@ -22,6 +22,7 @@ from evomerge.optimizers import Optimizer, Proposal
 from evomerge.runstore import RunStore, TrialRecord, best_trial
 from evomerge.scheduler import Evaluation, Scheduler
 from evomerge.study_plan import StudyPlan
+from evomerge.tracking import Tracking
 from evomerge.worker import Outcome
 
 
@@ -140,6 +141,7 @@ class Study:
         }
         self.best = best_trial(self.records)
         self.sched = Scheduler(plan, store)
+        self.tracking = Tracking(())  # the run's sinks (evomerge/tracking), opened by run()
 
     @property
     def next_trial(self) -> int:
@@ -158,6 +160,7 @@ class Study:
         once, since nothing is being written then."""
         from evomerge.progress import StudyProgress
         from evomerge.rebuild import open_optimizer
+        from evomerge.tracking import open_tracking
 
         cfg = self.config
         bar = StudyProgress(
@@ -178,6 +181,8 @@ class Study:
                     optimizer = open_optimizer(self.plan, self.store, self.records, resume=resume)
                 optimizer.save()
                 self._restore(optimizer)
+                self.tracking = open_tracking(self.plan, self.store, optimizer)
+                self.tracking.start(self.records)  # a background thread: never in the way
                 max_s = cfg.budget.max_seconds
                 deadline = time.monotonic() + max_s if max_s else None
                 with gate.waiting_on_workers():  # starting workers: a signal stops it at once
@@ -217,6 +222,7 @@ class Study:
             bar.close()
             if executor is not None:
                 executor.close()
+            self.tracking.close()
         self.store.set_state("finished", trials=len(self.records), stopped_by=stopped_by)
         return self.best
 
@@ -317,6 +323,8 @@ class Study:
             error=error,
             seconds={k: round(v, 4) for k, v in outcome.seconds.items()},
             worker=outcome.worker,
+            started_at=outcome.started_at,
+            memory=outcome.memory,
             rung=ev.rung,
             items=outcome.items.count if outcome.items is not None else 0,
             fidelity=est.fidelity if ok else 1.0,
@@ -324,6 +332,7 @@ class Study:
         )
         self.store.append(rec)
         self.records.append(rec)
+        self.tracking.trial(rec)
         self.sched.recorded(ev, rec, est.items if ok else None)
         if (
             rec.ok
@@ -349,6 +358,7 @@ class Study:
         )
         self.store.append(rec)
         self.records.append(rec)
+        self.tracking.trial(rec)
         optimizer.tell(prop.id, rec.fitness)
         optimizer.save()
 

@@ -16,11 +16,12 @@ from typing import Any
 from evomerge.config import StudyConfig
 from evomerge.errors import IncompatibleModelsError
 from evomerge.executors import EXECUTORS, Executor
+from evomerge.memory_plan import MemoryPlan, plan_for_study
 from evomerge.model_set import ModelSet
 from evomerge.objective import Objective
 from evomerge.optimizers import OPTIMIZERS, Optimizer
 from evomerge.options import PluginOptions
-from evomerge.space import SearchSpace, load_space
+from evomerge.space import SearchSpace, fit_tensor_groups, load_space
 from evomerge.worker import WorkerSpec
 
 
@@ -39,6 +40,8 @@ class StudyPlan:
     optimizer_class: type[Optimizer]
     executor_class: type[Executor]
     executor_options: PluginOptions
+    #: bytes per device and host of each worker, and the residency tier (evomerge.memory_plan)
+    memory: MemoryPlan | None = None
 
     def optimizer(self, state_dir: Path, *, resume: bool) -> Optimizer:
         """The study's optimizer: continued from `state_dir` when resuming and a state exists."""
@@ -72,12 +75,18 @@ def build_plan(config: StudyConfig) -> StudyPlan:
     for source in config.models.sources:
         readers[source.name] = CheckpointReader(source.path, where=f"models.sources[{source.name}]")
     model_set = ModelSet(
-        paths={n: str(r.path) for n, r in readers.items()},
+        paths={n: r.location for n, r in readers.items()},
         base="base" if config.models.base else None,
+        tokenizer_source=config.models.tokenizer_source,
     )
+    from evomerge.vocab import remap_readers  # token rows in one vocabulary (tokens added)
+
+    readers = remap_readers(readers, model_set.tokenizer_source, model_set.base)
     ref = readers[model_set.reference]
     check_compatible(readers, model_set.reference)
     space_cfg = load_space(config.search_space.get("preset"), config.search_space, "search_space")
+    if "tensor_groups" not in config.search_space:  # a preset's: in the models' own names
+        space_cfg = fit_tensor_groups(space_cfg, ref.names(), "search_space")
     space = SearchSpace(space_cfg, model_set, ref.num_layers, seed=config.seed, dtype=config.dtype)
     x0 = space.initial_genome()
     if config.warm_start and config.warm_start != "uniform":
@@ -95,6 +104,8 @@ def build_plan(config: StudyConfig) -> StudyPlan:
     optimizer_class.check_objectives(objective.n_objectives)
     check_x0(space.dimensions(), x0)
     executor_class = EXECUTORS.get(config.executor.kind, where="executor.kind")
+    # the tier `auto` resolves to, from the bytes each tier needs here (refused in `run` if none fits)
+    memory = plan_for_study(config, readers, model_set.reference, space_cfg.methods)
     spec = WorkerSpec(
         models=model_set,
         device=config.device,
@@ -103,6 +114,7 @@ def build_plan(config: StudyConfig) -> StudyPlan:
         heldout=heldout,
         fitness=config.fitness,
         seed=config.seed,
+        residency=memory.tier,  # auto resolved by the memory plan (evomerge.memory_plan)
     )
     return StudyPlan(
         config=config,
@@ -114,20 +126,30 @@ def build_plan(config: StudyConfig) -> StudyPlan:
         optimizer_class=optimizer_class,
         executor_class=executor_class,
         executor_options=executor_class.parse_options(config.executor.options),
+        memory=memory,
     )
 
 
 def check_compatible(readers: Mapping[str, Any], reference: str) -> None:
     """Every model has the reference's tensors with the same shapes (from headers only)."""
+    from evomerge.checkpoint import layer_index
+
     ref = readers[reference]
     for name, r in readers.items():
         for tname, info in ref.infos.items():
             other = r.infos.get(tname)
             if other is None or other.shape != info.shape:
                 got = "missing" if other is None else f"shape {list(other.shape)}"
+                rows = (
+                    other is not None
+                    and other.shape[1:] == info.shape[1:]
+                    and layer_index(tname) is None
+                )
                 raise IncompatibleModelsError(
                     f"model {name!r} does not match the base: tensor {tname!r} is {got} "
                     f"(expected {list(info.shape)})"
+                    + ("; if tokens were added, set models.tokenizer_source (base, union or a "
+                       "source's name)" if rows else "")
                 )
 
 

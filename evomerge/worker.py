@@ -20,6 +20,7 @@ from evomerge.fidelity import FitnessConfig, Rungs
 from evomerge.items import ItemScores
 from evomerge.model_set import ModelSet
 from evomerge.recipe import Recipe
+from evomerge.residency import Tier
 from evomerge.scoring.config import ScoringSettings
 
 
@@ -44,6 +45,10 @@ class WorkerSpec(BaseModel):
     seed: int = 0  # the study seed: orders the items of the rungs
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    residency: Tier = "device"  # where the sources live (evomerge.residency), auto resolved
+    # the devices of a worker over several GPUs (executor.gpus_per_worker), the live model split
+    # by layer over them (evomerge.device_map); empty: everything on `device`
+    devices: tuple[str, ...] = ()
 
 
 @dataclass
@@ -54,6 +59,8 @@ class Outcome:
     worker: str = ""
     items: ItemScores | None = None  # the items scored and each one's values
     item_counts: dict[str, int] = field(default_factory=dict)  # items per task in the full set
+    started_at: float = 0.0  # wall clock when the evaluation began (worker utilization plots)
+    memory: dict[str, int] | None = None  # peak bytes per device, on a worker's first candidate
 
 
 class Worker:
@@ -61,6 +68,9 @@ class Worker:
         from evomerge.memory import keep_freed_memory
 
         keep_freed_memory()  # Ray actors are fresh processes
+        from evomerge.memory_measure import reset_peak
+
+        self._host_base: int | None = reset_peak()  # None once reported (memory_plan)
         t0 = time.perf_counter()
         self.spec = spec
         self.device = resolve_device(spec.device)
@@ -80,26 +90,52 @@ class Worker:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from evomerge.architectures import live_targets
         from evomerge.checkpoint import CheckpointReader, parse_dtype
         from evomerge.plan import model_layout
-        from evomerge.resident import InPlaceMerger, ResidentSources
+        from evomerge.residency.stores import make_sources
+        from evomerge.resident import InPlaceMerger
 
         self.readers = {
             name: CheckpointReader(path, allow_pickle=spec.allow_pickle, where=f"model {name!r}")
             for name, path in spec.models.paths.items()
         }
+        from evomerge.vocab import output_remap, remap_readers
+
+        # vocabularies that differ: every model's token rows in the output tokenizer's, and the
+        # live model's embeddings of that many rows (evomerge.vocab)
+        self.readers = remap_readers(self.readers, spec.models.tokenizer_source, spec.models.base)
+        remap = output_remap(self.readers)
         ref_path = self.readers[spec.models.reference].path
         dtype = parse_dtype(spec.dtype) or torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(
             ref_path, dtype=dtype, trust_remote_code=spec.trust_remote_code
-        ).to(self.device)
+        ).to("cpu" if spec.devices else self.device)
+        if remap is not None:
+            self.model.resize_token_embeddings(remap.rows, mean_resizing=False)
+        if spec.devices:  # split by layer over the worker's devices (evomerge.device_map)
+            from evomerge.device_map import dispatch, layer_device_map
+
+            self.device_map = layer_device_map(self.model, spec.devices, dtype)
+            self.model = dispatch(self.model, self.device_map)
         self.model.eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            ref_path, trust_remote_code=spec.trust_remote_code
+        self.tokenizer = (
+            remap.tokenizer
+            if remap is not None
+            else AutoTokenizer.from_pretrained(ref_path, trust_remote_code=spec.trust_remote_code)
         )
-        self.sources = ResidentSources(self.readers, device=self.device)
         layout = model_layout(self.readers, spec.models.reference)
-        self.merger = InPlaceMerger(self.model.state_dict(keep_vars=True), self.sources, layout)
+        # checkpoint tensors -> the live memory transformers loaded them into (fused MoE
+        # experts, renamed heads): evomerge.architectures
+        targets = live_targets(self.model, {o.name: o.shape for o in layout})
+        if spec.devices and spec.residency == "device":  # each source where its parameter is
+            from evomerge.resident import ResidentSources
+
+            where = {s: targets[o.name].device for o in layout for s in o.sources.values()}
+            self.sources = ResidentSources(self.readers, device=self.device, placement=where)
+        else:
+            self.sources = make_sources(spec.residency, self.readers, device=self.device)
+        self.merger = InPlaceMerger(targets, self.sources, layout)
 
     @staticmethod
     def uses_cpu(spec: WorkerSpec) -> bool:
@@ -136,6 +172,7 @@ class Worker:
         seconds: dict[str, float] = {}
         scorer = self.scorer(split)  # a broken task setup is the user's error: it propagates
         subset = None if rung is None else self.rungs().delta(rung, scored)
+        started_at = time.time()
         t0 = time.perf_counter()
         try:
             key = recipe.content_hash()
@@ -157,6 +194,8 @@ class Worker:
                 self.name,
                 items=result.items,
                 item_counts=scorer.item_counts,
+                started_at=started_at,
+                memory=self._peak_once(),
             )
         except Exception as exc:  # a candidate that breaks is data, not the end of the study
             if _is_oom(exc):
@@ -167,7 +206,18 @@ class Worker:
                 if isinstance(exc, (CandidateError, UserError))
                 else traceback.format_exception_only(type(exc), exc)[-1].strip()
             )
-            return Outcome(None, msg, seconds, self.name)
+            return Outcome(None, msg, seconds, self.name, started_at=started_at)
+
+
+    def _peak_once(self) -> dict[str, int] | None:
+        """Peak bytes per device since the worker started, with its first candidate only."""
+        if self._host_base is None:
+            return None
+        from evomerge.memory_measure import peak_memory
+
+        devices = {t.device for t in self.merger.targets.values()} | {self.device}
+        base, self._host_base = self._host_base, None
+        return peak_memory(devices, base)
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-PARTS = ("merge", "scoring", "workers", "fidelity")
+PARTS = ("merge", "scoring", "workers", "fidelity", "residency", "controller")
 DEFAULT_PARTS = ("merge", "scoring", "workers")  # fidelity runs studies: minutes to hours
 
 
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--repeats",
         type=int,
         default=2,
-        help="merge part: runs per tool and config, best one reported (default: 2)",
+        help="merge, residency parts: runs per tool, config or tier, best reported (default: 2)",
     )
     p.add_argument("--seeds", default="0,1,2", help="fidelity part: study seeds (default: 0,1,2)")
     p.add_argument(
@@ -50,6 +50,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=100,
         help="fidelity part: random candidates for the estimators' Spearman (0: skip)",
+    )
+    p.add_argument(
+        "--controller-trials",
+        type=int,
+        default=2000,
+        help="controller part: trials per optimizer (default: 2000)",
+    )
+    p.add_argument(
+        "--controller-workers",
+        type=int,
+        default=8,
+        help="controller part: simulated workers (default: 8)",
+    )
+    p.add_argument(
+        "--optimizers",
+        default="",
+        help="controller part: comma-separated optimizers (default: every registered one)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -109,6 +126,26 @@ def run(args: argparse.Namespace) -> int:
         )
         if not args.json:
             print_fidelity(report["fidelity"])
+    if "residency" in parts:
+        from evomerge.bench.residency_bench import print_residency, run_residency_bench
+
+        report["residency"] = run_residency_bench(  # the merge part's models, and a third
+            work / "merge", size=args.size, device=device, repeats=args.repeats
+        )
+        if not args.json:
+            print_residency(report["residency"])
+    if "controller" in parts:
+        from evomerge.bench.controller_bench import print_controller, run_controller_bench
+
+        names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+        report["controller"] = run_controller_bench(
+            work / "controller",
+            optimizers=names or None,
+            trials=args.controller_trials,
+            workers=args.controller_workers,
+        )
+        if not args.json:
+            print_controller(report["controller"])
     if args.json:
         print(json.dumps(report, sort_keys=True))
     return 0

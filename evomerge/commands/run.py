@@ -77,7 +77,12 @@ def run(args: argparse.Namespace) -> int:
         )
         print("initial recipe:")
         print(plan.space.decode(plan.x0).to_yaml())
+        if plan.memory is not None:
+            plan.memory.print(sys.stdout)
+            plan.memory.check()  # a study that cannot fit: one line, exit 2
         return 0
+    if plan.memory is not None:
+        plan.memory.check()  # before the run directory exists
     store = start_run(Path(args.runs_dir) / config.name, config)
     return drive(store, plan, resume=False, quiet=args.quiet)
 
@@ -105,6 +110,11 @@ def drive(
     """Run to the budget; on Ctrl-C say how to resume (nothing finished is lost)."""
     from evomerge.study import Study
 
+    if plan.memory is not None:  # the memory plan of this machine: shown, kept, enforced
+        plan.memory.check()
+        plan.memory.write(store.dir)
+        if not quiet:
+            plan.memory.print(sys.stderr)
     study = Study(store, plan, progress=not quiet)
     try:
         best = study.run(resume=resume, optimizer=optimizer)

@@ -12,6 +12,9 @@ Placement: one actor per worker, `num_gpus=gpus_per_worker` (default 1 when the 
 and the study's device is not `cpu`, else 0) and `num_cpus=cpus_per_worker` (default 1; the
 actor's torch runs that many threads), spread over nodes. A local Ray gets K x cpus_per_worker
 CPU slots, so K may exceed the cores (then the workers share them).
+`gpus_per_worker` below 1 shares a GPU between workers; an integer k above 1 gives each worker k
+GPUs of one node (its own STRICT_PACK placement group) and splits its live model by layer over
+them (`evomerge.device_map`).
 Inside an actor that got a GPU, `device: auto` (or `cuda:N`) is the GPU Ray assigned to it.
 
 Dispatch: `wait()` returns as soon as any candidate finished (with every other one that finished
@@ -66,10 +69,17 @@ from evomerge.options import PluginOptions
 from evomerge.recipe import Recipe
 from evomerge.worker import Outcome, WorkerSpec
 
-# Environment the driver passes to its actors (a joined cluster does not inherit it).
+# Environment the driver passes to its actors (a joined cluster does not inherit it): only the
+# variables set in the driver, with their values; the Hugging Face ones so that workers read the
+# cache `evomerge fetch` filled, online or offline as the user chose (tokens are not sent).
 ACTOR_ENV = (
     "HF_HUB_OFFLINE",
     "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_DATASETS_CACHE",
+    "HF_ENDPOINT",
     "TOKENIZERS_PARALLELISM",
     "TQDM_DISABLE",
     "HF_DATASETS_DISABLE_PROGRESS_BARS",
@@ -171,6 +181,7 @@ class RayExecutor(Executor):
         self._by_ref: dict[Any, WorkerSlot] = {}
         self._closed = False
         self._pids: set[int] = set()  # actor processes of a local Ray, for kill_orphans
+        self._groups: dict[int, Any] = {}  # id(slot) -> the placement group of a k-GPU worker
         if ray.is_initialized():
             self._owns = "none"  # the caller's Ray: used as is, left as is
         elif self.address:
@@ -200,7 +211,11 @@ class RayExecutor(Executor):
         try:
             self.gpus = self._gpus(opts.gpus_per_worker)
             self._check_capacity()
-            self.actor_spec = spec.model_copy(update={"device": self._actor_device()})
+            from evomerge.device_map import worker_devices
+
+            device = self._actor_device()
+            span = worker_devices(device, int(self.gpus)) if self.gpus > 1 else ()
+            self.actor_spec = spec.model_copy(update={"device": device, "devices": span})
             self._remote = ray.remote(WorkerActor)
             self._env = {k: os.environ[k] for k in ACTOR_ENV if k in os.environ}
             self._slots = [self._start_actor(WorkerSlot()) for _ in range(workers)]
@@ -218,6 +233,11 @@ class RayExecutor(Executor):
         device = self.spec.device
         if requested is None:
             requested = 1.0 if have > 0 and device != "cpu" else 0.0
+        if requested > 1 and requested != int(requested):
+            raise ConfigError(
+                f"executor.gpus_per_worker: {requested:g} (below 1 a worker shares a GPU; above "
+                "1 it spans that many whole GPUs: use an integer)"
+            )
         if requested == 0 and device.startswith("cuda"):
             raise ConfigError(
                 f"device {device!r} but the Ray workers get no GPU (cluster GPUs: {have:g}, "
@@ -255,13 +275,30 @@ class RayExecutor(Executor):
             num_gpus=self.gpus,
             max_restarts=0,
             max_task_retries=0,
-            scheduling_strategy="SPREAD",
+            scheduling_strategy=self._pack(slot) if self.gpus > 1 else "SPREAD",
         ).remote(self.actor_spec, self._env, self.threads)
         slot.placing, slot.starting = slot.actor.placed.remote(), slot.actor.ready.remote()
         slot.job, slot.ref, slot.since = None, None, time.monotonic()
         slot.name = slot.node = ""
         self._by_ref[slot.placing] = self._by_ref[slot.starting] = slot
         return slot
+
+    def _pack(self, slot: WorkerSlot) -> Any:
+        """A worker over k GPUs: its own placement group, one bundle of the k GPUs (and its
+        CPUs) packed on one node (STRICT_PACK), made afresh when the slot's actor is replaced."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        old = self._groups.pop(id(slot), None)
+        if old is not None:
+            with contextlib.suppress(Exception):  # its node is gone
+                remove_placement_group(old)
+        bundle = {k: v for k, v in (("GPU", self.gpus), ("CPU", self.cpus)) if v > 0}
+        group = placement_group([bundle], strategy="STRICT_PACK")
+        self._groups[id(slot)] = group
+        return PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=0
+        )
 
     def wait_started(self) -> None:
         """Block until every slot's actor is up (replacements included), or raise a clear error.
@@ -304,8 +341,12 @@ class RayExecutor(Executor):
             for slot in self._slots:
                 with contextlib.suppress(Exception):  # already dead or its node is gone
                     ray.kill(slot.actor, no_restart=True)
+            for group in self._groups.values():  # a joined cluster keeps them otherwise
+                with contextlib.suppress(Exception):
+                    ray.util.remove_placement_group(group)
         self._slots = []
         self._by_ref = {}
+        self._groups = {}
         if self._owns == "local":
             self._pids |= descendants()  # its GCS, raylet, agents, workers
         if self._owns != "none":

@@ -1,8 +1,11 @@
 """Optuna samplers (TPE, CMA-ES, NSGA-II, random) behind ask/tell, over SQLite storage.
 
 Storage. `state_dir/optuna.db`, study name "evomerge", every direction "maximize": open it with
-`optuna-dashboard sqlite:///RUN_DIR/optuna.db`. Each ask and tell is committed by Optuna as it
-happens, so `save()` has nothing left to write. Proposal ids are Optuna trial numbers; `pending()`
+`optuna-dashboard sqlite:///RUN_DIR/optuna.db`. The sampler works on an in-memory copy of it,
+and `save()` (after every ask and tell) writes what changed into the file, a few transactions
+per trial instead of Optuna's one per storage call (optuna_storage.py; `open` reads the file
+back into memory exactly). TPE samples from a bounded window of the history (optuna_tpe.py,
+option `history`), so that a long study's asks do not slow down. Proposal ids are Optuna trial numbers; `pending()`
 is the trials still RUNNING (after a crash the loop evaluates them again and tells those same
 trial numbers). A failed candidate is told as state FAIL, which every sampler here skips (the
 CMA-ES sampler simply waits for enough successful trials to complete its generation).
@@ -96,7 +99,8 @@ class SamplerOptions(PluginOptions):
 
     @classmethod
     def extra_names(cls) -> list[str]:
-        params = inspect.signature(cls.sampler().__init__).parameters.values()
+        optuna_class = getattr(_optuna().samplers, cls.sampler_class)
+        params = inspect.signature(optuna_class.__init__).parameters.values()
         return [
             p.name
             for p in params
@@ -113,7 +117,20 @@ class SamplerOptions(PluginOptions):
 
 
 class TPEOptions(SamplerOptions):
+    """TPESampler's options, and `history` (evomerge/optimizers/optuna_tpe.py)."""
+
     sampler_class = "TPESampler"
+
+    @classmethod
+    def sampler(cls) -> Any:
+        _optuna()
+        from evomerge.optimizers.optuna_tpe import WindowedTPESampler
+
+        return WindowedTPESampler
+
+    @classmethod
+    def extra_names(cls) -> list[str]:
+        return [*super().extra_names(), "history"]
 
 
 class CmaEsOptions(SamplerOptions):
@@ -149,17 +166,39 @@ class OptunaOptimizer(Optimizer):
     def db_path(self) -> Path:
         return self.state_dir / self.state_files[0]
 
+    @property
+    def storage_url(self) -> str:
+        """The study's storage: what optuna-dashboard opens, and where evomerge.tracking writes
+        each trial's user attributes."""
+        return f"sqlite:///{self.db_path.resolve()}"
+
+    def trial_number(self, proposal_id: int) -> int:
+        """The Optuna trial number of a proposal handed out."""
+        return self._numbers[proposal_id]
+
     def _open(self) -> Any:
         optuna = _optuna()
+        self._space_cache: Any = None  # see _sampler_for
         self._sampler_cls = self.Options.sampler()
         self._dists = self._distributions()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._rdb = optuna.storages.RDBStorage(f"sqlite:///{self.db_path.resolve()}")
+        self._rdb = optuna.storages.RDBStorage(self.storage_url)
         return optuna
 
     def _sampler_for(self, n_asked: int) -> Any:
+        """The sampler for the next ask, seeded from (seed, asks so far). Its intersection
+        search space (TPE, CmaEsSampler) is carried over from the previous one: an incremental
+        cache of a pure function of the trials, which each new sampler would otherwise compute
+        again over the whole history (the one Optuna internal used here)."""
+        from optuna.search_space import IntersectionSearchSpace
+
         seed = int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, n_asked]).generate_state(1)[0])
-        return self._sampler_cls(**self.settings.given(), seed=seed)
+        sampler = self._sampler_cls(**self.settings.given(), seed=seed)
+        if isinstance(getattr(sampler, "_search_space", None), IntersectionSearchSpace):
+            if self._space_cache is None:
+                self._space_cache = sampler._search_space
+            sampler._search_space = self._space_cache
+        return sampler
 
     def _distributions(self) -> dict[str, Any]:
         from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -176,12 +215,13 @@ class OptunaOptimizer(Optimizer):
         return out
 
     def _start(self, x0: Params | None) -> None:
+        from evomerge.optimizers.optuna_storage import MirroredStorage
+
         optuna = self._open()
-        self._study = optuna.create_study(
-            storage=self._rdb,
-            study_name=STUDY_NAME,
-            directions=["maximize"] * self.n_objectives,
-            sampler=self._sampler_for(0),
+        self._store = MirroredStorage(self._rdb)
+        self._store.create(STUDY_NAME, [optuna.study.StudyDirection.MAXIMIZE] * self.n_objectives)
+        self._study = optuna.load_study(
+            study_name=STUDY_NAME, storage=self._store.memory, sampler=self._sampler_for(0)
         )
         self._study.set_user_attr(_SIGNATURE_ATTR, self.signature())
         self._x0 = x0  # for a replay that starts over (replay)
@@ -213,6 +253,11 @@ class OptunaOptimizer(Optimizer):
         else:
             for t in torn:
                 self._study.tell(t.number, state=state.FAIL)
+        from evomerge.optimizers.optuna_storage import MirroredStorage
+
+        self._store = MirroredStorage(self._rdb)
+        self._store.open(STUDY_NAME)  # the sampler works on an in-memory copy (save() mirrors)
+        self._study = optuna.load_study(study_name=STUDY_NAME, storage=self._store.memory)
         handed_out = [
             t
             for t in self._study.get_trials(deepcopy=False)
@@ -349,7 +394,8 @@ class OptunaOptimizer(Optimizer):
             raise ValueError(f"proposal {proposal_id} is not pending: {exc}") from None
 
     def save(self) -> None:
-        """Nothing to write: Optuna committed every ask and tell to SQLite as it happened."""
+        """Mirror into optuna.db what the asks and tells since the last save changed."""
+        self._store.flush()
 
     @property
     def best(self) -> tuple[Proposal, tuple[float, ...]] | None:

@@ -135,13 +135,20 @@ class Tracking:
         except Exception as exc:
             why = (str(exc).strip().splitlines() or [""])[0][:300]
             self.failed[sink.name] = f"{type(exc).__name__}: {why}"
-            LOG.warning(
-                "evomerge: warning: %s failed (%s) and is off for the rest of this run; "
-                "the study goes on. Check %s",
-                sink.name,
-                self.failed[sink.name],
-                sink.fix,
-            )
+            from evomerge.disk_full import disk_full_cause
+
+            if disk_full_cause(exc) is not None:
+                # The run directory's disk is full: the study's own next write meets it and says
+                # so in its one error line (exit 75); resume rebuilds the mirror from trials.jsonl.
+                LOG.debug("%s is off: the disk is full (%s)", sink.name, self.failed[sink.name])
+            else:
+                LOG.warning(
+                    "evomerge: warning: %s failed (%s) and is off for the rest of this run; "
+                    "the study goes on. Check %s",
+                    sink.name,
+                    self.failed[sink.name],
+                    sink.fix,
+                )
             if method != "close":  # let it release what it holds (a run, a connection)
                 with contextlib.suppress(Exception):
                     sink.close()

@@ -15,24 +15,18 @@ with one GPU) or `("cpu", "cpu")` (the same per-layer placement, all on the CPU,
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
+from evomerge.quiet import quiet_logger
 
-@contextlib.contextmanager
-def _quiet_accelerate() -> Iterator[None]:
+
+def _quiet_accelerate() -> AbstractContextManager[None]:
     """accelerate warns 'Device 1 is not available' for slots that are names, not GPUs here."""
-    log = logging.getLogger("accelerate.utils.modeling")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+    return quiet_logger("accelerate.utils.modeling")
 
 
 def layer_device_map(

@@ -66,7 +66,10 @@ class TrialRecord:
         return self.fitness is not None and all(math.isfinite(v) for v in self.fitness)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+        data = asdict(self)
+        if data["memory"] is None:  # only a worker's first line measures it
+            del data["memory"]
+        return json.dumps(data, sort_keys=True, allow_nan=False)
 
 
 class TrialsFileError(RunDirError):

@@ -6,7 +6,10 @@ import contextlib
 import logging
 import random
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
+
+from evomerge.quiet import quiet_logger
 
 if TYPE_CHECKING:
     import torch
@@ -35,18 +38,11 @@ def seeded(torch_seed: int, device: torch.device) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-@contextlib.contextmanager
-def quiet_hflm() -> Iterator[None]:
+def quiet_hflm() -> AbstractContextManager[None]:
     """Silence the logger of lm_eval.models.huggingface below ERROR while an HFLM is built: its
     constructor warns "`pretrained` model kwarg is not of type `str`" for every in-memory model,
     which is exactly how we use it."""
-    log = logging.getLogger("lm_eval.models.huggingface")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+    return quiet_logger("lm_eval.models.huggingface")
 
 
 class _NoCustomDatasetHint(logging.Filter):

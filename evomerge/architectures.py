@@ -8,8 +8,9 @@ the parameter `lm_head.weight`; Mixtral's and Qwen3-MoE's per-expert tensors
 (`...mlp.experts.gate_up_proj`: the experts stacked, gate and up concatenated).
 
 `live_targets` finds, for every checkpoint tensor, the view of live memory that transformers
-loaded it into, so the in-place merge writes straight there and merges each checkpoint tensor
-exactly as the disk merge does (TIES' top-k, slerp's angle, ... are per checkpoint tensor).
+loaded it into, so the in-place merge writes straight there; `checkpoint_views` are the same
+views as (live name, sizes, strides, offset), from which `evomerge.fusion` finds the checkpoint
+tensors that make up one live tensor (a layer's experts), merged as that one tensor.
 Where names differ it asks transformers itself: `revert_weight_conversion` (what
 `save_pretrained` uses to go from live parameters back to checkpoint tensors) is run on a probe,
 the live parameters filled with their element indices, so each checkpoint tensor comes back as
@@ -18,14 +19,20 @@ element by element. Layers of one structure are probed once and the views reused
 holds one layer's converted parameters as int32 indices for a moment (Mixtral 8x7B: 1.4 G
 elements, 5.6 GB of host memory, once per worker), and nothing after.
 
+`outside_sides` places the tensors outside the blocks before or after them in the
+architecture's own module order, as mergekit's architecture files list `pre_weights` and
+`post_weights`: a frankenmerge takes the first from its first slice, the rest from its last.
+
 `fit_tensor_groups` (evomerge.space) uses `role_filter` so that a preset's attention group
 (`self_attn`) means the attention modules of GPT-2 (`attn`) or GPT-NeoX (`attention`) too.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -33,29 +40,29 @@ from evomerge.checkpoint import layer_index, layer_suffix, with_layer_index
 from evomerge.errors import IncompatibleModelsError
 
 View = tuple[str, tuple[int, ...], tuple[int, ...], int]  # live name, sizes, strides, offset
+Side = Literal["pre", "post"]
 
 
 def live_targets(
-    model: torch.nn.Module, layout: Mapping[str, tuple[int, ...]]
+    model: torch.nn.Module,
+    layout: Mapping[str, tuple[int, ...]],
+    views: Mapping[str, View] | None = None,
 ) -> dict[str, torch.Tensor]:
     """For each checkpoint tensor (`layout`: name -> shape), the live tensor or view of a live
-    parameter that holds it. Raises IncompatibleModelsError for a tensor found nowhere."""
+    parameter that holds it (`views`: checkpoint_views, when already found). Raises
+    IncompatibleModelsError for a tensor found nowhere."""
     live = model.state_dict(keep_vars=True)
+    if views is None:
+        views = checkpoint_views(model, layout)
     targets: dict[str, torch.Tensor] = {}
-    pending: dict[str, tuple[int, ...]] = {}
     for name, shape in layout.items():
         t = live.get(name)
         if t is not None and tuple(t.shape) == tuple(shape):
             targets[name] = t
-        else:
-            pending[name] = tuple(shape)
-    if not pending:
-        return targets
-    claimed = set(targets)
-    unclaimed = {n: t for n, t in live.items() if n not in claimed}
-    for name, (live_name, size, stride, offset) in _probe_views(model, unclaimed, pending).items():
-        p = live[live_name]
-        targets[name] = p.as_strided(size, stride, p.storage_offset() + offset)
+        elif name in views:
+            live_name, size, stride, offset = views[name]
+            p = live[live_name]
+            targets[name] = p.as_strided(size, stride, p.storage_offset() + offset)
     missing = [n for n in layout if n not in targets]
     if missing:
         raise IncompatibleModelsError(
@@ -64,6 +71,24 @@ def live_targets(
             "it; the live model was built from a different architecture"
         )
     return targets
+
+
+def checkpoint_views(
+    model: torch.nn.Module, layout: Mapping[str, tuple[int, ...]]
+) -> dict[str, View]:
+    """Where transformers holds each checkpoint tensor (`layout`: name -> shape) that is no
+    live tensor of its own name and shape: a view of one live parameter. Tensors found nowhere
+    are left out. `model` may live on the meta device (only shapes are read)."""
+    live = model.state_dict(keep_vars=True)
+    pending: dict[str, tuple[int, ...]] = {}
+    for name, shape in layout.items():
+        t = live.get(name)
+        if t is None or tuple(t.shape) != tuple(shape):
+            pending[name] = tuple(shape)
+    if not pending:
+        return {}
+    unclaimed = {n: t for n, t in live.items() if n not in layout or n in pending}
+    return _probe_views(model, unclaimed, pending)
 
 
 def _probe_views(
@@ -195,3 +220,55 @@ def role_filter(filter_: str, names: Iterable[str]) -> tuple[str, str] | None:
             own = next((a for a in aliases if a in modules), None)
             return (f".{own}.", role) if own is not None else None
     return None
+
+
+def outside_sides(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, Side]:
+    """For each of `names` outside the blocks, "pre" when the architecture holds it before its
+    first block (embeddings; GPT-2's `wte` and `wpe` too) and "post" after the last (final norm,
+    lm_head): mergekit's pre- and post-block weights, read from the state dict of the model
+    built on the meta device from `config` (config.json), its names turned into checkpoint
+    names by transformers' own conversion (GPT-NeoX's live `lm_head` is `embed_out` on disk).
+    A checkpoint may drop the base model's prefix (`wte.weight` for `transformer.wte.weight`).
+    A tensor the model lacks, or every one when transformers cannot build the architecture,
+    is "pre", as mergekit's inferred architectures take every such tensor from the first
+    slice."""
+    order = _outside_order(json.dumps(dict(config), sort_keys=True, default=str))
+    prefix, known = order if order is not None else ("", {})
+    out: dict[str, Side] = {}
+    for n in names:
+        if layer_index(n) is None:
+            out[n] = known.get(n) or known.get(f"{prefix}.{n}") or "pre"
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _outside_order(config_json: str) -> tuple[str, dict[str, Side]] | None:
+    """(base_model_prefix, checkpoint name -> side) of the tensors outside the blocks; None
+    when transformers cannot build the architecture (cached: a layout asks once per config).
+    The dict is shared by every caller: read it, never change it."""
+    try:
+        import transformers
+        from transformers.core_model_loading import revert_weight_conversion
+
+        cfg = json.loads(config_json)
+        config = transformers.CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception:  # an architecture transformers cannot build (remote code, no model_type)
+        return None
+    state = model.state_dict()
+    blocks = [i for i, n in enumerate(state) if layer_index(n) is not None]
+    if not blocks:
+        return None
+    sides: dict[str, Side] = {}
+    for i, (n, t) in enumerate(state.items()):
+        if layer_index(n) is not None:
+            continue
+        side: Side = "pre" if i < blocks[0] else "post"
+        try:
+            disk = list(revert_weight_conversion(model, {n: t}))
+        except Exception:  # a conversion that needs more than this one tensor: its live name
+            disk = [n]
+        for d in disk:
+            sides.setdefault(d, side)
+    return getattr(model, "base_model_prefix", "") or "", sides

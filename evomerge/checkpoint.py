@@ -23,6 +23,7 @@ from safetensors import safe_open
 from evomerge import dtypes
 from evomerge.checkpoint_check import config_mismatch
 from evomerge.errors import CheckpointError, ConfigError, MissingPathError, UnsafeCheckpointError
+from evomerge.hub_ref import is_hub_ref, split_revision
 from evomerge.lora import AdapterRef, LoraAdapter, find_adapter
 from evomerge.safetensors_stream import read_header
 
@@ -84,7 +85,9 @@ def layer_suffix(tensor_name: str) -> str | None:
 
 
 def resolve_model_path(ref: str, *, where: str = "model") -> Path:
-    """A local folder, or a hub id already in the local cache (downloads only when not offline)."""
+    """A local folder (an existing path wins, '@' in its name or not), or a hub id, pinned to a
+    revision with mergekit's 'org/name@revision', already in the local cache (downloads only
+    when not offline)."""
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -96,12 +99,9 @@ def resolve_model_path(ref: str, *, where: str = "model") -> Path:
 
 
 def is_hub_id(ref: str) -> bool:
-    """'org/name' that is no existing path: read as a hub id (resolved through the HF cache)."""
-    return (
-        re.fullmatch(r"[\w.-]+/[\w.-]+", ref) is not None
-        and not ref.startswith((".", "/"))
-        and not Path(ref).expanduser().exists()
-    )
+    """'org/name' or 'org/name@revision' that is no existing path: read as a hub id (resolved
+    through the HF cache; `evomerge.hub_ref`)."""
+    return is_hub_ref(ref)
 
 
 # What a hub id brings into the HF cache (here and in `evomerge fetch`): safetensors weights and
@@ -123,10 +123,12 @@ def _from_hub(ref: str, path: Path, where: str) -> Path:
     from huggingface_hub import constants, snapshot_download
 
     offline = bool(constants.HF_HUB_OFFLINE)  # HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE)
+    repo, revision = split_revision(ref)
     try:
         local = Path(
             snapshot_download(
-                ref,
+                repo,
+                revision=revision,
                 allow_patterns=list(HUB_ALLOW_PATTERNS),
                 ignore_patterns=list(HUB_IGNORE_PATTERNS),
                 local_files_only=offline,
@@ -142,6 +144,12 @@ def _from_hub(ref: str, path: Path, where: str) -> Path:
             # still missing (IncompleteSnapshotError: "... is incomplete: N file(s) are missing")
             missing = re.search(r"\d+ file\(s\) are missing \([^)]*\)", str(exc))
             cached = f"not in the hub cache ({constants.HF_HUB_CACHE})"
+            held = cached_revisions(repo) if revision is not None else []
+            if held:
+                cached = (
+                    f"revision {revision!r} of {repo!r} is not in the hub cache "
+                    f"({constants.HF_HUB_CACHE} holds {', '.join(held)})"
+                )
             if type(exc).__name__ == "IncompleteSnapshotError" and missing:
                 cached = f"only partly in the hub cache ({constants.HF_HUB_CACHE}: {missing[0]})"
             raise MissingPathError(
@@ -155,8 +163,8 @@ def _from_hub(ref: str, path: Path, where: str) -> Path:
         raise MissingPathError(
             f"{where}: {ref!r} is no local folder ({path.resolve()} does not exist) and could not "
             f"be downloaded from the hub ({type(exc).__name__}: {detail}); check the network and "
-            "the id: it may be misspelled, or a gated or private repo (log in with "
-            "`hf auth login` or set HF_TOKEN)"
+            f"the id{' and the revision' if revision else ''}: it may be misspelled, or a gated "
+            "or private repo (log in with `hf auth login` or set HF_TOKEN)"
         ) from None
     if not any(local.glob("*.safetensors")):
         raise UnsafeCheckpointError(
@@ -164,6 +172,19 @@ def _from_hub(ref: str, path: Path, where: str) -> Path:
             "does not download pickled weights: use a safetensors revision or convert it"
         )
     return local
+
+
+def cached_revisions(repo: str) -> list[str]:
+    """The revisions of hub repo `repo` in the HF cache, for an error naming what is there:
+    its refs (branches, tags) and the first 12 hex digits of each snapshot's commit."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    refs = sorted(
+        str(p.relative_to(folder / "refs")) for p in (folder / "refs").rglob("*") if p.is_file()
+    )
+    snapshots = sorted(p.name[:12] for p in (folder / "snapshots").glob("*") if p.is_dir())
+    return refs + snapshots
 
 
 @dataclass(frozen=True)

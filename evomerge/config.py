@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.errors import ConfigError
 from evomerge.executors import EXECUTORS
 from evomerge.fidelity import FitnessConfig
+from evomerge.hub_ref import display_name
 from evomerge.objective import ObjectiveConfig
 from evomerge.optimizers import OPTIMIZERS
 from evomerge.residency import Residency
@@ -32,7 +33,10 @@ class _Frozen(BaseModel):
 
 class SourceModel(_Frozen):
     name: str = Field(description="short name used in recipes and gene names")
-    path: str = Field(description="checkpoint folder or hub id")
+    path: str = Field(
+        description="checkpoint folder or hub id, pinned to a branch, tag or commit with "
+        "org/name@revision"
+    )
 
     @field_validator("name")
     @classmethod
@@ -58,7 +62,7 @@ class ModelsConfig(_Frozen):
     def _paths_to_models(cls, v: Any) -> Any:
         if isinstance(v, list):
             return [
-                {"name": Path(str(e)).name.replace(".", "_"), "path": e}
+                {"name": display_name(str(e)).replace(".", "_"), "path": e}
                 if isinstance(e, str)
                 else e
                 for e in v

@@ -7,7 +7,8 @@ login node (or a laptop) fills the caches the study reads (the HF hub cache for 
 datasets cache for lm-eval's datasets), then validates the study as `run` would, from the
 safetensors headers only: every model against the base, the space against the models, the tasks
 and metrics. Models come through `checkpoint.resolve_model_path` (the same allow patterns as a
-study: safetensors, config, tokenizer, chat template and adapter files, never pickles), datasets
+study: safetensors, config, tokenizer, chat template and adapter files, never pickles; a
+pinned `org/name@revision` at that revision), datasets
 through lm-eval's own task building (`scoring.lm_eval_adapter.task_data`). Downloads follow the
 user's HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: offline, fetch checks that everything is cached.
 """
@@ -26,9 +27,10 @@ from evomerge.scoring.lm_eval_adapter.task_data import TaskData
 
 @dataclass(frozen=True)
 class ModelRow:
-    """One model of the study: `snapshot` is the hub commit (None for a local folder); `files`
-    and `bytes` what is on disk (dry run: what the snapshot holds); `status` one of local,
-    cached, downloaded (dry run: cached, or 'would download N B')."""
+    """One model of the study: `snapshot` is the hub commit (None for a local folder) of
+    `revision` (the pinned branch, tag or commit of `org/name@revision`; None: the default
+    branch); `files` and `bytes` what is on disk (dry run: what the snapshot holds); `status`
+    one of local, cached, downloaded (dry run: cached, or 'would download N B')."""
 
     name: str
     ref: str
@@ -38,6 +40,7 @@ class ModelRow:
     bytes: int
     status: str
     to_download: int = 0  # bytes a dry run found missing from the cache
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,13 +83,17 @@ def _on_disk(path: Path) -> tuple[int, int]:
 
 
 def _snapshot(ref: str, **kwargs: Any) -> Any:
-    """huggingface_hub's snapshot_download with the files a study reads (checkpoint's patterns)."""
+    """huggingface_hub's snapshot_download with the files a study reads (checkpoint's patterns),
+    at the revision `ref` pins ('org/name@revision')."""
     from huggingface_hub import snapshot_download
 
     from evomerge.checkpoint import HUB_ALLOW_PATTERNS, HUB_IGNORE_PATTERNS
+    from evomerge.hub_ref import split_revision
 
+    repo, revision = split_revision(ref)
     return snapshot_download(
-        ref,
+        repo,
+        revision=revision,
         allow_patterns=list(HUB_ALLOW_PATTERNS),
         ignore_patterns=list(HUB_IGNORE_PATTERNS),
         **kwargs,
@@ -107,27 +114,33 @@ def fetch_model(name: str, ref: str, where: str, *, dry_run: bool = False) -> Mo
     from huggingface_hub import constants
 
     from evomerge.checkpoint import is_hub_id, resolve_model_path
+    from evomerge.hub_ref import split_revision
 
     if not is_hub_id(ref):
         path = resolve_model_path(ref, where=where)  # a folder, or MissingPathError
         return ModelRow(name, ref, str(path), None, *_on_disk(path), "local")
+    rev = split_revision(ref)[1]
     before = _cached_snapshot(ref)
     if dry_run and not constants.HF_HUB_OFFLINE:
         return _dry_run_row(name, ref, where)
     if dry_run and before is not None:
-        return ModelRow(name, ref, str(before), before.name, *_on_disk(before), "cached")
+        return ModelRow(
+            name, ref, str(before), before.name, *_on_disk(before), "cached", revision=rev
+        )
     seen = None if before is None else _on_disk(before)
     path = resolve_model_path(ref, where=where)  # offline: the cache or the one-line error
     now = _on_disk(path)
     status = "cached" if before == path and seen == now else "downloaded"
-    return ModelRow(name, ref, str(path), path.name, *now, status)
+    return ModelRow(name, ref, str(path), path.name, *now, status, revision=rev)
 
 
 def _dry_run_row(name: str, ref: str, where: str) -> ModelRow:
     """What a download would bring, from the hub's file listing (huggingface_hub's dry run);
     nothing is downloaded, also when the hub cannot be reached (then the cache is what counts)."""
     from evomerge.errors import MissingPathError
+    from evomerge.hub_ref import split_revision
 
+    rev = split_revision(ref)[1]
     try:
         infos = _snapshot(ref, dry_run=True)  # [DryRunFileInfo]: file_size, will_download, ...
     except Exception as exc:  # unreachable, unknown, gated: the cache decides
@@ -140,12 +153,16 @@ def _dry_run_row(name: str, ref: str, where: str) -> ModelRow:
                 f"({type(why).__name__}: {detail}); check the network and the id: it may be "
                 "misspelled, or a gated or private repo (log in with `hf auth login`)"
             ) from None
-        return ModelRow(name, ref, str(cached), cached.name, *_on_disk(cached), "cached")
+        return ModelRow(
+            name, ref, str(cached), cached.name, *_on_disk(cached), "cached", revision=rev
+        )
     size = sum(int(i.file_size or 0) for i in infos)
     missing = sum(int(i.file_size or 0) for i in infos if i.will_download)
     commit = infos[0].commit_hash if infos else None
     status = f"would download {human_size(missing)}" if missing else "cached"
-    return ModelRow(name, ref, None, commit, len(infos), size, status, to_download=missing)
+    return ModelRow(
+        name, ref, None, commit, len(infos), size, status, to_download=missing, revision=rev
+    )
 
 
 def fetch_tasks(config: StudyConfig, *, dry_run: bool = False) -> list[TaskRow]:

@@ -3,7 +3,8 @@ any worker starts, from the checkpoints' safetensors headers and the memory this
 
 Per worker (P: elements of the reference model; b: bytes per element of the study `dtype`;
 s: bytes of all held models (sources and base) in their file dtypes; M: how many models are held;
-n: elements of the largest tensor, n_m its bytes in model m's file; k: GPUs of the worker):
+n: elements of the largest tensor a task merges (a layer's experts stacked, evomerge.fusion), n_m
+the bytes of the largest file tensor in model m's file; k: GPUs of the worker):
 
 - live: the live model, P x b, split by layer over the k GPUs (P x b / k each)
 - sources, by tier: `device` s on the device(s) (s / k each); `host` s on the host; `disk`
@@ -78,6 +79,7 @@ class Footprint:
 
     @classmethod
     def of(cls, readers: Mapping[str, Any], reference: str) -> Footprint:
+        from evomerge.fusion import largest_fused
         from evomerge.safetensors_stream import DTYPE_BITS
 
         def numel(shape: tuple[int, ...]) -> int:
@@ -99,7 +101,8 @@ class Footprint:
         return cls(
             params=sum(numel(i.shape) for i in ref.infos.values()),
             model_bytes={name: sum(s.values()) for name, s in sizes.items()},
-            largest=numel(big.shape),
+            # a layer's experts merge as one stacked tensor (evomerge.fusion)
+            largest=max(numel(big.shape), largest_fused(ref.config)),
             largest_bytes=sum(s.get(big.name, 0) for s in sizes.values()),
             layers=int(ref.num_layers),
             kv_heads=int(cfg.get("num_key_value_heads") or heads),

@@ -1,18 +1,20 @@
 """Materialize a Recipe: streaming to disk (export, `evomerge merge`) or in place (search).
 
 Both paths run the same TensorTask through the same method function, so a candidate scored in
-memory and the checkpoint exported for it hold the same numbers.
+memory and the checkpoint exported for it hold the same numbers; checkpoint tensors that make up
+one live tensor (a layer's MoE experts) run as one FusedTask over their stack (evomerge.fusion).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from evomerge.checkpoint import SIDE_FILES, CheckpointReader, parse_dtype, stored_float_dtype
 from evomerge.disk_full import disk_full_cause, no_space
 from evomerge.errors import ConfigError
+from evomerge.fusion import FusedTask, plan_units, unit_tasks
 from evomerge.methods.base import MergeInput
 from evomerge.plan import TensorTask, open_readers, plan_merge
 from evomerge.recipe import Recipe
@@ -77,6 +80,34 @@ def run_task(
         return merged
     out.copy_(merged)
     return out
+
+
+def run_fused(
+    unit: FusedTask,
+    loads: Iterable[Callable[[str, str], torch.Tensor]],
+    outs: Sequence[torch.Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+) -> None:
+    """Merge a fusion's members as the one tensor they make up, into `outs` (one per member).
+
+    Each model's members are copied into a stack of the fused tensor's layout (`loads`: one
+    loader per member, in order, each read only until the next is taken, as `Sources.feed`
+    serves them), the stacks merged as one tensor, and the result split back.
+    """
+    task = unit.task
+    models = list(dict.fromkeys([task.base, *task.models] if task.base else task.models))
+    stacks = {m: torch.empty(unit.fused.shape, dtype=compute_dtype, device=device) for m in models}
+    pieces = {m: unit.fused.pieces(s) for m, s in stacks.items()}
+    for i, (member, load) in enumerate(zip(unit.members, loads, strict=True)):
+        for m in models:
+            pieces[m][i].copy_(load(m, member.out.sources[m]))
+    merged = run_task(task, lambda m, _: stacks[m], device=device, compute_dtype=compute_dtype)
+    stacks.clear()  # the sources' stacks go before the pieces are copied out
+    pieces.clear()
+    for out, piece in zip(outs, unit.fused.pieces(merged.contiguous()), strict=True):
+        out.copy_(piece)
 
 
 def _merge_one(
@@ -147,7 +178,9 @@ def merge_to_disk(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     readers = open_readers(recipe, allow_pickle=settings.allow_pickle)
-    tasks = plan_merge(recipe, readers)
+    # a fusion's members side by side: merged together (evomerge.fusion), written in turn
+    units = plan_units(plan_merge(recipe, readers), readers, recipe.reference_model, recipe.seed)
+    tasks = [t for u in units for t in unit_tasks(u)]
     out_dtype = output_dtype(recipe, settings.dtype)
     specs = [
         TensorSpec(t.out.name, t.out.shape, out_dtype or _source_dtype(readers, t)) for t in tasks
@@ -156,7 +189,7 @@ def merge_to_disk(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        total = _write_shards(tmp, out.name, tasks, specs, readers, settings)
+        total = _write_shards(tmp, out.name, units, specs, readers, settings)
         ref = readers[recipe.reference_model].path
         for n in SIDE_FILES:
             if (ref / n).exists():
@@ -189,14 +222,20 @@ def merge_to_disk(
 def _write_shards(
     folder: Path,
     label: str,
-    tasks: list[TensorTask],
+    units: list[TensorTask | FusedTask],
     specs: list[TensorSpec],
     readers: Mapping[str, CheckpointReader],
     settings: MergeSettings,
 ) -> int:
     """Merge every tensor into its shard (writes overlapped with the next merges); the index
-    file when there are several shards. Returns the bytes of tensor data written."""
+    file when there are several shards. Returns the bytes of tensor data written. A fusion is
+    merged at its first member, its other members held until their turn (they come next)."""
     device = settings.device
+    compute = settings.compute_dtype
+    tasks = [t for u in units for t in unit_tasks(u)]
+    fusion = {t.out.name: u for u in units if isinstance(u, FusedTask) for t in u.members}
+    dtypes = {s.name: s.dtype for s in specs}
+    held: dict[str, torch.Tensor] = {}  # a fusion's merged members not yet written
     shards = assign_shards(specs, settings.max_shard_bytes)
     names = shard_names(len(shards))
     writer = BackgroundWriter()
@@ -204,6 +243,22 @@ def _write_shards(
 
     def load(model: str, name: str) -> torch.Tensor:
         return readers[model].get(name, device=device)
+
+    def merge(task: TensorTask, spec: TensorSpec) -> torch.Tensor:
+        unit = fusion.get(spec.name)
+        if unit is None:
+            out_t = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+            return run_task(task, load, device=device, compute_dtype=compute, out=out_t)
+        if spec.name not in held:
+            outs = [
+                torch.empty(m.out.shape, dtype=dtypes[m.out.name], device=device)
+                for m in unit.members
+            ]
+            run_fused(
+                unit, itertools.repeat(load, len(outs)), outs, device=device, compute_dtype=compute
+            )
+            held.update(zip((m.out.name for m in unit.members), outs, strict=True))
+        return held.pop(spec.name)
 
     try:
         bar = _progress(settings.progress, len(tasks), f"merging into {label}")
@@ -213,10 +268,7 @@ def _write_shards(
             stream = ShardStream(folder / fname, shard_specs)
             streams.append(stream)
             for spec in shard_specs:
-                out_t = torch.empty(spec.shape, dtype=spec.dtype, device=device)
-                merged = run_task(
-                    tasks[i], load, device=device, compute_dtype=settings.compute_dtype, out=out_t
-                )
+                merged = merge(tasks[i], spec)
                 writer.write(stream, spec.name, merged)
                 total += spec.nbytes
                 i += 1

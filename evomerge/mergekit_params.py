@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from evomerge.errors import ConfigError
+from evomerge.hub_ref import with_revision
 from evomerge.methods.base import MergeMethod, Param
 from evomerge.registry import did_you_mean
 
@@ -169,25 +171,28 @@ class ParamReader:
         return p.check(coerced, f"{self.where}: {at}")
 
 
-_REVISION = (
-    "{ref!r} pins a hub revision (model@revision), which evomerge does not fetch; download that "
-    "revision and give its folder"
-)
-
-
 def _model_path(value: Any, where: str) -> Any:
-    """A ModelPath: a string, or {path, revision} (revisions refused)."""
+    """A ModelPath: a string, or {path, revision}, as one reference ('org/name@revision')."""
     if isinstance(value, Mapping):
-        if value.get("revision"):
-            raise ConfigError(f"{where}: {_REVISION.format(ref=value.get('path'))}")
-        return value.get("path")
+        path, revision = value.get("path"), value.get("revision")
+        if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+            raise ConfigError(
+                f"{where}: revision must be a branch, tag or commit, got {revision!r}"
+            )
+        if revision and isinstance(path, str) and "@" in path:
+            raise ConfigError(
+                f"{where}: {path!r} already pins a revision; give it once (path@revision or "
+                "revision:)"
+            )
+        return with_revision(path, revision) if isinstance(path, str) and path else path
     return value
 
 
 def model_ref(value: Any, where: str) -> str:
     """A ModelReference as mergekit parses it ('path', 'path+lora', 'path@rev', a mapping
-    {model, lora} of paths or {path, revision}): the path, or 'base+adapter' for a LoRA
-    (`evomerge.lora`); hub revisions are refused."""
+    {model, lora} of paths or {path, revision}): the path, 'org/name@revision' for a pinned
+    hub revision (resolved by `checkpoint.resolve_model_path`), or 'base+adapter' for a LoRA
+    (`evomerge.lora`)."""
     if isinstance(value, Mapping) and "path" in value and "model" not in value:
         value = _model_path(value, where)
     if isinstance(value, Mapping):
@@ -203,10 +208,13 @@ def model_ref(value: Any, where: str) -> str:
         value = inner
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a model path, got {value!r}")
-    if "@" in value:
-        raise ConfigError(f"{where}: {_REVISION.format(ref=value)}")
     if value.count("+") > 1:
         raise ConfigError(f"{where}: {value!r} is not BASE+ADAPTER (mergekit's LoRA syntax)")
+    for part in value.split("+"):
+        if part.count("@") > 1 and not Path(part).expanduser().exists():
+            raise ConfigError(
+                f"{where}: {part!r} has more than one '@' (mergekit's syntax is org/name@revision)"
+            )
     return value
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
+from evomerge.hub_ref import display_name
 from evomerge.mergekit_params import ParamReader, merged, warn
 from evomerge.recipe import Recipe
 from evomerge.yaml_io import validate_model
@@ -72,7 +73,7 @@ def _name_models(refs: list[str]) -> dict[str, str]:
     for ref in refs:
         if ref in names.values():
             continue
-        stem = Path(ref.rstrip("/")).name or ref
+        stem = display_name(ref)  # 'org/m@v2' -> 'm': a pinned revision is no name
         name, k = stem, 2
         while name in names or name == "union":  # a tokenizer_source keyword
             name, k = f"{stem}-{k}", k + 1
@@ -236,8 +237,9 @@ def _slice_sections(
     global_params: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The `slices:` form: a section per slice over its output layers, then the tensors outside
-    the blocks as mergekit plans them: the embeddings from the first slice, the final norm and
-    lm_head from the last (zipped with the first slice's sources, so at most that many)."""
+    the blocks as mergekit plans them: those before the blocks (embeddings) from the first
+    slice, those after (final norm, lm_head) from the last (zipped with the first slice's
+    sources, so at most that many); `outside` sections, placed by the architecture's own order."""
     sections: list[dict[str, Any]] = []
     recipe_slices: list[dict[str, Any]] = []
     start = 0
@@ -260,7 +262,7 @@ def _slice_sections(
     sections.append(
         {
             "label": "slices[0]",
-            "filter": "embed",
+            "outside": "pre",
             "method": rd.method_name,
             "parameters": merged(first[1], global_params),
             "models": {by_ref[ref]: p for ref, _, p in first[0]},
@@ -269,6 +271,7 @@ def _slice_sections(
     sections.append(
         {
             "label": f"slices[{len(slices) - 1}]",
+            "outside": "post",
             "method": rd.method_name,
             "parameters": merged(last[1], global_params),
             "models": {by_ref[ref]: p for ref, _, p in last[0][: len(first[0])]},

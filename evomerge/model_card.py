@@ -6,7 +6,9 @@ huggingface_hub's `ModelCardData` (so `ModelCard.load` reads it back) with what 
 has: `base_model` (the hub ids among the models, base first: the Hub refuses a card whose
 base_model is no model id, so local folders are named only in the body and under `evomerge`),
 `tags` [merge, mergekit, evomerge], `library_name: transformers`, and the mergekit config in
-the body as a yaml block; plus `evomerge`: version, run, trial, fitness, held-out means, models.
+the body as a yaml block; plus `evomerge`: version, run, trial, fitness, held-out means, models
+(as the study named them, `org/name@revision` included) and `revisions`, the hub revision each
+pinned model was read at (base_model stays the bare id, which is what the Hub links).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from evomerge import __version__
 from evomerge.checkpoint import is_hub_id
+from evomerge.hub_ref import split_revision
 from evomerge.recipe import Recipe
 from evomerge.report_model import Report
 from evomerge.report_table import markdown_heldout_table
@@ -54,14 +57,14 @@ def _method_line(report: Report, recipe: Recipe) -> str:
 
 
 # a hub id's folder in the HF hub cache: <cache>/models--<org>--<name>/snapshots/<commit>
-_SNAPSHOT = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[0-9a-f]{40}/?$")
+_SNAPSHOT = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/([0-9a-f]{40})/?$")
 
 
 def hub_id(ref: str) -> str | None:
-    """'org/name' for a hub id, or for the cached snapshot folder a hub id resolved to (what a
-    recipe holds); None for any other folder."""
+    """'org/name' for a hub id (a pinned 'org/name@revision' too), or for the cached snapshot
+    folder a hub id resolved to (what a recipe holds); None for any other folder."""
     if is_hub_id(ref):
-        return ref
+        return split_revision(ref)[0]
     m = _SNAPSHOT.search(ref.strip())
     return f"{m[1]}/{m[2]}" if m else None
 
@@ -75,6 +78,31 @@ def hub_base_models(report: Report, recipe: Recipe) -> list[str]:
     refs += list(recipe.models.values())
     ids = [hub_id(part) for ref in refs for part in ref.split("+")]
     return list(dict.fromkeys(i for i in ids if i))
+
+
+def pinned_revisions(report: Report, recipe: Recipe) -> list[dict[str, str]]:
+    """{model, revision, commit} for each hub id the study or the recipe pinned to a revision
+    ('org/name@v2'; each part of a `base+adapter`), `commit` the snapshot the recipe read it
+    from when the recipe holds that folder: a branch moves, the commit does not."""
+    models = report.run.models
+    named = [("base", models.base)] if models.base else []
+    named += list(models.sources.items()) + list(recipe.models.items())
+    out: list[dict[str, str]] = []
+    for name, ref in named:
+        for part in ref.split("+"):
+            if not is_hub_id(part):
+                continue
+            repo, revision = split_revision(part)
+            if revision is None:
+                continue
+            entry = {"model": repo, "revision": revision}
+            resolved = recipe.models.get(name, "").split("+")
+            snap = next((m for m in map(_SNAPSHOT.search, resolved) if m), None)
+            if snap is not None and f"{snap[1]}/{snap[2]}" == repo:
+                entry["commit"] = snap[3]
+            if not any(e["model"] == repo and e["revision"] == revision for e in out):
+                out.append(entry)
+    return out
 
 
 def front_matter(report: Report, recipe: Recipe) -> str:
@@ -94,6 +122,9 @@ def front_matter(report: Report, recipe: Recipe) -> str:
         "heldout_tasks": list(run.heldout_tasks),
         "models": {"base": run.models.base, "sources": dict(run.models.sources)},
     }
+    revisions = pinned_revisions(report, recipe)
+    if revisions:
+        provenance["revisions"] = revisions
     if report.scored and report.heldout:
         provenance["heldout_mean"] = {
             row.name: None if row.mean is None else round(float(row.mean), 6)

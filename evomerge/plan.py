@@ -27,6 +27,7 @@ class OutTensor:
     shape: tuple[int, ...]
     sources: Mapping[str, str]  # model name -> tensor name in that model
     t: float = 0.0  # position within its slice, for gradients (mergekit's t)
+    side: str | None = None  # outside the blocks: "pre" or "post" (architectures.outside_sides)
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,35 @@ def build_layout(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> lis
         _check_same(readers, recipe.reference_model)
         return _slice_layout(recipe, readers, readers[recipe.reference_model])
     used = [m for m in recipe.models if m in readers]
-    return model_layout({m: readers[m] for m in used}, recipe.reference_model)
+    return model_layout(
+        {m: readers[m] for m in used}, recipe.reference_model, sides=needs_sides(recipe)
+    )
 
 
-def model_layout(readers: Mapping[str, CheckpointReader], reference: str) -> list[OutTensor]:
+def needs_sides(recipe: Recipe) -> bool:
+    """Whether planning must place the tensors outside the blocks before or after them (slices,
+    `outside` sections): it builds the architecture on the meta device once, so only then."""
+    return bool(recipe.slices) or any(s.outside is not None for s in recipe.sections)
+
+
+def outside_sides(reader: CheckpointReader) -> dict[str, str]:
+    """Each tensor outside the blocks of `reader`: "pre" or "post" (evomerge.architectures)."""
+    from evomerge.architectures import outside_sides as sides
+
+    return dict(sides(reader.config, reader.infos))
+
+
+def model_layout(
+    readers: Mapping[str, CheckpointReader], reference: str, *, sides: bool = False
+) -> list[OutTensor]:
     """The layout of models that share the reference's tensors: each output tensor from the
-    same-named tensor of every model (the search's live model has exactly this layout)."""
+    same-named tensor of every model (the search's live model has exactly this layout); with
+    `sides`, each tensor outside the blocks knows whether it is before or after them."""
     ref = readers[reference]
     _check_same(readers, reference)
     out: list[OutTensor] = []
     n_layers = ref.num_layers
+    side = outside_sides(ref) if sides else {}
     for name, info in ref.infos.items():
         for m, reader in readers.items():
             other = reader.infos.get(name)
@@ -88,14 +108,17 @@ def model_layout(readers: Mapping[str, CheckpointReader], reference: str) -> lis
                 )
         layer = layer_index(name)
         t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
-        out.append(OutTensor(name, layer, info.shape, {m: name for m in readers}, t))
+        out.append(
+            OutTensor(name, layer, info.shape, {m: name for m in readers}, t, side.get(name))
+        )
     return out
 
 
 def _slice_layout(
     recipe: Recipe, readers: Mapping[str, CheckpointReader], ref: CheckpointReader
 ) -> list[OutTensor]:
-    """Frankenmerge layout: output block j comes from each slice source's block start + offset."""
+    """Frankenmerge layout: output block j comes from each slice source's block start + offset;
+    the tensors before the blocks from the first slice's models, those after from the last's."""
     slices = recipe.slices or []
     by_layer: dict[str, dict[int, list[str]]] = {}
     for m, r in readers.items():
@@ -109,10 +132,9 @@ def _slice_layout(
     post: list[OutTensor] = []
     first = [s.model for s in slices[0].sources]
     last = [s.model for s in slices[-1].sources]
-    for name, info in ref.infos.items():
-        if layer_index(name) is not None:
-            continue
-        is_pre = "embed" in name or name.split(".")[-2:-1] in (["wte"], ["wpe"])
+    for name, side in outside_sides(ref).items():
+        info = ref.infos[name]
+        is_pre = side == "pre"
         models = first if is_pre else last
         for m in models:
             if name not in readers[m].infos or readers[m].infos[name].shape != info.shape:
@@ -120,7 +142,7 @@ def _slice_layout(
                     f"tensor {name!r} is missing or differs in model {m!r}"
                 )
         (pre if is_pre else post).append(
-            OutTensor(name, None, info.shape, {m: name for m in models}, 0.0)
+            OutTensor(name, None, info.shape, {m: name for m in models}, 0.0, side)
         )
     layers: list[OutTensor] = []
     j = 0
@@ -164,7 +186,7 @@ def tensor_seed(recipe_seed: int, tensor_name: str) -> int:
 
 def resolve_task(recipe: Recipe, out: OutTensor, index: int | None = None) -> TensorTask:
     """Method and parameter values for one output tensor (first matching section wins)."""
-    section = next((s for s in recipe.sections if s.matches(out.name, out.layer)), None)
+    section = next((s for s in recipe.sections if s.matches(out.name, out.layer, out.side)), None)
     if section is None:
         raise ConfigError(
             f"no section of the recipe covers tensor {out.name!r}; add a section without `layers`"
@@ -235,11 +257,12 @@ def open_readers(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, Che
         return readers
     from evomerge.vocab import recipe_fill, remap_readers
 
+    ref = readers[recipe.reference_model]
     return remap_readers(
         readers,
         recipe.tokenizer_source,
         recipe.base_model,
-        recipe_fill(recipe),
+        recipe_fill(recipe, outside_sides(ref) if needs_sides(recipe) else None),
         pad_to_multiple_of=recipe.pad_to_multiple_of,
     )
 

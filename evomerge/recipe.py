@@ -2,7 +2,10 @@
 
 Our YAML (`evomerge_recipe: 1`) is a list of sections. The first section whose `layers` range and
 `filter` match a tensor decides its method and parameters; a section with no `layers` also matches
-tensors outside the transformer blocks (embeddings, final norm, lm_head). Parameter values follow
+tensors outside the transformer blocks (embeddings, final norm, lm_head), and `outside: pre` or
+`post` narrows it to those before the first block or after the last, in the architecture's own
+order (`evomerge.architectures.outside_sides`; mergekit's slices take them from the first and
+the last slice). Parameter values follow
 mergekit's rules, so a mergekit config converts without loss: a scalar; a list of numbers
 interpolated across the section's layers (a gradient); or a list of `{filter, value}` entries
 where the first filter that is a substring of the tensor name wins.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -45,6 +48,11 @@ class Section(BaseModel):
         None, description="output layer range [start, end); none = every tensor"
     )
     filter: str | None = Field(None, description="substring of the tensor name; none = any")
+    outside: Literal["pre", "post"] | None = Field(
+        None,
+        description="only tensors outside the blocks: pre = before the first block in the "
+        "architecture's module order (embeddings), post = after the last (final norm, lm_head)",
+    )
     method: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict, description="global parameters")
     models: dict[str, dict[str, ParamValue]] = Field(
@@ -61,10 +69,13 @@ class Section(BaseModel):
             raise ValueError(f"layers must be [start, end) with 0 <= start < end, got {list(v)}")
         return v
 
-    def matches(self, tensor_name: str, layer: int | None) -> bool:
+    def matches(self, tensor_name: str, layer: int | None, side: str | None = None) -> bool:
+        """`side`: the tensor's place outside the blocks ('pre', 'post'; None inside them)."""
         if self.layers is not None and (
             layer is None or not self.layers[0] <= layer < self.layers[1]
         ):
+            return False
+        if self.outside is not None and side != self.outside:
             return False
         return self.filter is None or self.filter in tensor_name
 

@@ -13,6 +13,7 @@ behind the same `Sources.feed` the merger reads them through.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Protocol
@@ -21,7 +22,8 @@ import torch
 
 from evomerge.checkpoint import CheckpointReader
 from evomerge.errors import IncompatibleModelsError
-from evomerge.merge import run_task
+from evomerge.fusion import FusedTask, FusedTensor, fuse_tasks, unit_tasks
+from evomerge.merge import run_fused, run_task
 from evomerge.plan import OutTensor, TensorTask, build_layout, resolve_task
 from evomerge.recipe import Recipe
 
@@ -92,10 +94,15 @@ class ResidentSources:
 
 
 class InPlaceMerger:
-    """Writes a recipe's merged tensors into live tensors (a model's parameters)."""
+    """Writes a recipe's merged tensors into live tensors (a model's parameters). `fusions`
+    (evomerge.fusion, in the layout's names) are merged as one tensor each, as on disk."""
 
     def __init__(
-        self, targets: Mapping[str, torch.Tensor], sources: Sources, layout: list[OutTensor]
+        self,
+        targets: Mapping[str, torch.Tensor],
+        sources: Sources,
+        layout: list[OutTensor],
+        fusions: Sequence[FusedTensor] = (),
     ) -> None:
         missing = [o.name for o in layout if o.name not in targets]
         if missing:
@@ -105,6 +112,7 @@ class InPlaceMerger:
             )
         self.sources = sources
         self.layout = layout
+        self.fusions = tuple(fusions)
         self.targets = {o.name: targets[o.name] for o in layout}
         self._cuda = sorted({str(t.device) for t in self.targets.values() if t.is_cuda})
 
@@ -118,27 +126,36 @@ class InPlaceMerger:
     ) -> InPlaceMerger:
         """Targets are the model's own parameters (or views of them where transformers fused
         checkpoint tensors), so merging updates the model directly."""
-        from evomerge.architectures import live_targets
+        from evomerge.architectures import checkpoint_views, live_targets
+        from evomerge.fusion import fused_tensors
 
         layout = build_layout(recipe, readers)
-        return cls(live_targets(model, {o.name: o.shape for o in layout}), sources, layout)
+        shapes = {o.name: o.shape for o in layout}
+        views = checkpoint_views(model, shapes)
+        targets = live_targets(model, shapes, views)
+        return cls(targets, sources, layout, fused_tensors(model, views))
 
     @torch.no_grad()
     def apply(self, recipe: Recipe) -> float:
         """Materialize `recipe` into the targets; returns seconds spent (synchronized on CUDA)."""
         t0 = time.perf_counter()
-        tasks = [resolve_task(recipe, out) for out in self.layout]
+        units = fuse_tasks(
+            [resolve_task(recipe, out) for out in self.layout], self.fusions, recipe.seed
+        )
+        tasks = [t for u in units for t in unit_tasks(u)]  # a fusion's members side by side
         outs = [self.targets[task.out.name] for task in tasks]
+        compute = self.sources.compute_dtype
         # each tensor is merged on the device its parameter lives on, its sources served there
         with contextlib.closing(self.sources.feed(tasks, [o.device for o in outs])) as loaders:
-            for task, out, load in zip(tasks, outs, loaders, strict=True):
-                run_task(
-                    task,
-                    load,
-                    device=out.device,
-                    compute_dtype=self.sources.compute_dtype,
-                    out=out,
-                )
+            for unit in units:
+                if isinstance(unit, FusedTask):  # one parameter: one device
+                    mine = [self.targets[t.out.name] for t in unit.members]
+                    loads = itertools.islice(loaders, len(mine))
+                    run_fused(unit, loads, mine, device=mine[0].device, compute_dtype=compute)
+                else:
+                    out = self.targets[unit.out.name]
+                    load = next(loaders)
+                    run_task(unit, load, device=out.device, compute_dtype=compute, out=out)
         for device in self._cuda:
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0

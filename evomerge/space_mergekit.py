@@ -6,8 +6,9 @@ same genes differently, and `SpaceConfig` offers both so that a converted mergek
 (`evomerge.mergekit_evolve`) merges exactly what mergekit-evolve would:
 
 - `outside_blocks: first_last`: its genomes become mergekit slices, one per layer group, and
-  mergekit takes the embeddings from the first slice and the final norm and lm_head from the
-  last, each with the values of the first filter that matches its name;
+  mergekit takes the tensors before the blocks (embeddings) from the first slice and those after
+  them (final norm, lm_head) from the last, each with the values of the first filter that
+  matches its name (`outside` sections: the architecture's own order decides the side);
 - `smooth: true`: each layer group's value is one control point of a gradient across all
   layers (mergekit interpolates at t = layer / (layers - 1)); tensors outside the blocks are
   evaluated at t = 0, the first point.
@@ -18,7 +19,7 @@ Both need one method (a tensor group's values are combined across groups).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from evomerge.recipe import FilterValue, Section
 
@@ -35,20 +36,28 @@ def smooth_sections(layer_sections: Sequence[Section], n_tensor_groups: int) -> 
 
 
 def outside_sections(layer_sections: Sequence[Section], n_tensor_groups: int) -> list[Section]:
-    """mergekit's slices rule for the tensors outside the blocks: embeddings from the first layer
-    group, the rest (final norm, lm_head) from the last, the tensor group chosen by filter."""
+    """mergekit's slices rule for the tensors outside the blocks: those before them (embeddings)
+    from the first layer group, those after (final norm, lm_head) from the last, the tensor
+    group chosen by filter."""
     first, last = layer_sections[:n_tensor_groups], layer_sections[-n_tensor_groups:]
     return [
-        _combine(first, lambda values: _by_filter(first, values), filter_="embed"),
-        _combine(last, lambda values: _by_filter(last, values), filter_=None),
+        _combine(first, lambda values: _by_filter(first, values), filter_=None, outside="pre"),
+        _combine(last, lambda values: _by_filter(last, values), filter_=None, outside="post"),
     ]
 
 
-def _combine(group: Sequence[Section], join: Any, *, filter_: str | None) -> Section:
+def _combine(
+    group: Sequence[Section],
+    join: Any,
+    *,
+    filter_: str | None,
+    outside: Literal["pre", "post"] | None = None,
+) -> Section:
     """A section without layers whose every value joins the group's values for it."""
     head = group[0]
     return Section(
         filter=filter_,
+        outside=outside,
         method=head.method,
         parameters={p: join([s.parameters[p] for s in group]) for p in head.parameters},
         models={

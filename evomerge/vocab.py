@@ -346,12 +346,16 @@ def remap_readers(
     return {m: RemappedReader(r, m, remap) for m, r in readers.items()}
 
 
-def recipe_fill(recipe: Any) -> Callable[[str], Sequence[str]]:
+def recipe_fill(
+    recipe: Any, sides: Mapping[str, str] | None = None
+) -> Callable[[str], Sequence[str]]:
     """The models whose rows fill a missing token of one tensor: those mergekit gathers for
-    it, the first matching section's models, plus the base outside slices (mergekit adds it)."""
+    it, the first matching section's models, plus the base outside slices (mergekit adds it).
+    `sides`: each tensor's place outside the blocks, for `outside` sections (plan.outside_sides)."""
+    sides = sides or {}
 
     def fill(name: str) -> Sequence[str]:
-        section = next((s for s in recipe.sections if s.matches(name, None)), None)
+        section = next((s for s in recipe.sections if s.matches(name, None, sides.get(name))), None)
         models = list(section.models) if section is not None else list(recipe.models)
         if recipe.base_model and not recipe.slices and recipe.base_model not in models:
             models.append(recipe.base_model)

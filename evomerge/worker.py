@@ -90,7 +90,7 @@ class Worker:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from evomerge.architectures import live_targets
+        from evomerge.architectures import checkpoint_views, live_targets
         from evomerge.checkpoint import CheckpointReader, parse_dtype
         from evomerge.plan import model_layout
         from evomerge.residency.stores import make_sources
@@ -124,10 +124,13 @@ class Worker:
             if remap is not None
             else AutoTokenizer.from_pretrained(ref_path, trust_remote_code=spec.trust_remote_code)
         )
-        layout = model_layout(self.readers, spec.models.reference)
+        # sides: a search space's `outside` sections (outside_blocks: first_last) need them
+        layout = model_layout(self.readers, spec.models.reference, sides=True)
         # checkpoint tensors -> the live memory transformers loaded them into (fused MoE
         # experts, renamed heads): evomerge.architectures
-        targets = live_targets(self.model, {o.name: o.shape for o in layout})
+        shapes = {o.name: o.shape for o in layout}
+        views = checkpoint_views(self.model, shapes)
+        targets = live_targets(self.model, shapes, views)
         if spec.devices and spec.residency == "device":  # each source where its parameter is
             from evomerge.resident import ResidentSources
 
@@ -135,7 +138,9 @@ class Worker:
             self.sources = ResidentSources(self.readers, device=self.device, placement=where)
         else:
             self.sources = make_sources(spec.residency, self.readers, device=self.device)
-        self.merger = InPlaceMerger(targets, self.sources, layout)
+        from evomerge.fusion import fused_tensors  # a layer's experts merged as one tensor
+
+        self.merger = InPlaceMerger(targets, self.sources, layout, fused_tensors(self.model, views))
 
     @staticmethod
     def uses_cpu(spec: WorkerSpec) -> bool:

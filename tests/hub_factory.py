@@ -1,6 +1,6 @@
 """A Hugging Face hub cache written by hand in huggingface_hub's own layout, so hub ids resolve
 offline in tests: models--org--name/{blobs/<sha256>, snapshots/<commit>/<file> -> blob symlink,
-refs/main = <commit>}, as `snapshot_download` leaves it (tests/test_hub_cache.py checks that
+refs/<branch> = <commit>}, as `snapshot_download` leaves it (tests/test_hub_cache.py checks that
 huggingface_hub's scan_cache_dir and try_to_load_from_cache read it back)."""
 
 from __future__ import annotations
@@ -10,16 +10,29 @@ import os
 from pathlib import Path
 
 
-def commit_of(repo_id: str) -> str:
-    """A stable 40-hex commit id per repo (what refs/main names)."""
-    return hashlib.sha1(repo_id.encode()).hexdigest()
+def commit_of(repo_id: str, revision: str = "main") -> str:
+    """A stable 40-hex commit id per repo and revision (what refs/<revision> names)."""
+    return hashlib.sha1(
+        (repo_id if revision == "main" else f"{repo_id}@{revision}").encode()
+    ).hexdigest()
 
 
-def cache_repo(cache: Path, repo_id: str, folder: Path, extra: dict[str, bytes] | None = None) -> Path:
+def cache_repo(
+    cache: Path,
+    repo_id: str,
+    folder: Path,
+    extra: dict[str, bytes] | None = None,
+    *,
+    revision: str | None = "main",
+    commit: str | None = None,
+) -> Path:
     """Put the files of `folder` (and `extra` name -> bytes) into `cache` as repo `repo_id` at
-    revision main; returns the snapshot folder."""
+    `revision` (a branch or tag: refs/<revision> names the commit; None: a snapshot reached only
+    by its commit hash, as `snapshot_download(revision=<commit>)` leaves it); `commit` defaults
+    to commit_of(repo_id, revision), or to commit_of(repo_id, "snapshot") with no revision.
+    Returns the snapshot folder."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = commit_of(repo_id)
+    commit = commit or commit_of(repo_id, revision or "snapshot")
     snapshot = repo / "snapshots" / commit
     (repo / "blobs").mkdir(parents=True, exist_ok=True)
     snapshot.mkdir(parents=True, exist_ok=True)
@@ -32,7 +45,9 @@ def cache_repo(cache: Path, repo_id: str, folder: Path, extra: dict[str, bytes] 
         link.unlink(missing_ok=True)  # the same repo cached again: the new files win
         link.symlink_to(os.path.relpath(blob, link.parent))
     (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
+    if revision is not None:
+        (repo / "refs" / revision).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / revision).write_text(commit)
     return snapshot
 
 

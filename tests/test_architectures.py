@@ -8,18 +8,21 @@ base with three fine-tunes in the layout the installed transformers writes:
 
 mergekit 0.1.5 reads Mixtral and Qwen3-MoE checkpoints in transformers' saved layout (one tensor
 per expert) by converting them to transformers' in-memory layout (one 3-D tensor per layer) and
-merges those; evomerge merges the checkpoint's tensors as they are. For methods that act element
-by element the two agree (compared in the fused layout); methods with a per-tensor statistic
-(TIES' top-k, slerp's angle, ...) see one expert, or all of a layer's experts, and differ by
-design; the other tensors are compared for those. Filters see the checkpoint's names too
-(Mixtral's `block_sparse_moe`, where mergekit sees transformers' `mlp`). The fused layout itself
-(`mixtral_fused`) is merged exactly as mergekit merges it.
+merges those. evomerge merges the checkpoint tensors that make up one such live tensor as one
+task over their stack (evomerge.fusion), so methods with a per-tensor statistic (TIES' top-k and
+sign election, slerp's angle, model_stock's ratio, breadcrumbs' cut) see all of a layer's
+experts as mergekit does; every tensor, experts included, is compared in the fused layout, for
+every core method. Filters still see the checkpoint's names: Mixtral's say `block_sparse_moe`
+where mergekit sees transformers' `mlp`, so Mixtral skips slerp's `mlp` filter (Qwen3-MoE's
+checkpoint says `mlp` and runs it). The fused layout itself (`mixtral_fused`) is merged exactly
+as mergekit merges it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,16 +47,12 @@ NO_MERGEKIT = importlib.util.find_spec("mergekit") is None
 # frankenmerge; the full set on the layouts that differ most (Conv1D, fused 3-D experts).
 CORE = ("linear", "task_arithmetic", "ties", "slerp", "model_stock", "breadcrumbs", "passthrough")
 FULL = ("gpt2", "mixtral_fused")
-# split MoE: every tensor as mergekit's fused merge; other methods: all but the experts
-ELEMENTWISE = ("linear", "task_arithmetic", "passthrough")
+# per-expert checkpoints that mergekit converts to transformers' fused layout before merging
 SPLIT_MOE = tuple(a for a, arch in ARCHS.items() if arch.mergekit == "fused")
 # mergekit 0.1.5's gpt-neox.json requires the attention buffers `attention.bias`,
 # `attention.masked_bias` and `rotary_emb.inv_freq`, which transformers 5 does not save.
 NO_MERGEKIT_ARCHS = tuple(a for a, arch in ARCHS.items() if arch.mergekit == "none")
-# Slice recipes take the tensors outside the blocks by the substring `embed` (mergekit_read,
-# space_mergekit); mergekit takes its architecture's pre-block weights from the first slice, so
-# GPT-2's `wte` and `wpe` (no `embed` in their names) are refused by the plan.
-KNOWN_GAPS = {("gpt2", "passthrough"): "slice recipes find pre-block tensors by 'embed'"}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 KNOWN_GAPS.update(
     {(a, "linear"): "mergekit 0.1.5 refuses transformers 5's GPT-NeoX" for a in NO_MERGEKIT_ARCHS}
 )
@@ -76,7 +75,7 @@ def arch_configs(fam: dict[str, Path]) -> dict[str, dict]:
 def methods_for(arch: str) -> tuple[str, ...]:
     if arch in NO_MERGEKIT_ARCHS:  # one config, expected to fail: tells when mergekit learns it
         return ("linear",)
-    if arch in SPLIT_MOE:  # slerp's `mlp` filter: Mixtral's checkpoint says `block_sparse_moe`
+    if arch == "mixtral":  # slerp's `mlp` filter: Mixtral's checkpoint says `block_sparse_moe`
         return tuple(m for m in CORE if m != "slerp")
     return tuple(all_configs(dict.fromkeys("abc", "") | {"base": ""})) if arch in FULL else CORE
 
@@ -157,9 +156,7 @@ def test_merge_equals_mergekit(arch, method, mergekit_outputs, tmp_path):
     assert not error.exists(), f"mergekit-yaml failed: {error.read_text()[-1500:]}"
     if arch in SPLIT_MOE:  # mergekit writes transformers' fused layout: compare in that layout
         ours, theirs = live_layout(out), load_dir(theirs_dir)
-        assert set(theirs) <= set(ours)
-        if method not in ELEMENTWISE:  # per-tensor statistics: per expert here, per layer there
-            theirs = {k: v for k, v in theirs.items() if ".experts." not in k}
+        assert set(theirs) == set(ours)
     else:
         ours, theirs = load_dir(out), load_dir(theirs_dir)
         assert ours.keys() == theirs.keys()
@@ -167,18 +164,25 @@ def test_merge_equals_mergekit(arch, method, mergekit_outputs, tmp_path):
     assert worst <= 1e-5, f"{arch} {method}: max relative error {worst:.2e}"
 
 
-IN_PLACE = [(a, "ties") for a in ARCHS] + [(a, "slerp") for a in ("mixtral", "qwen3_moe")]
+IN_PLACE = [(a, "ties", "device") for a in ARCHS] + [
+    (a, m, tier)
+    for a in ("mixtral", "qwen3_moe")
+    for m, tier in (("slerp", "device"), ("model_stock", "disk"), ("breadcrumbs", "host"))
+]  # the split MoE: fused experts read through every residency tier's loaders
 
 
-@pytest.mark.parametrize(("arch", "method"), IN_PLACE, ids=[f"{a}-{m}" for a, m in IN_PLACE])
-def test_in_place_merge_equals_disk_merge(arch, method, families, tmp_path):
+@pytest.mark.parametrize(
+    ("arch", "method", "tier"), IN_PLACE, ids=[f"{a}-{m}-{t}" for a, m, t in IN_PLACE]
+)
+def test_in_place_merge_equals_disk_merge(arch, method, tier, families, tmp_path):
     """The live model after an in-place merge holds exactly the disk merge loaded back."""
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge import MergeSettings, merge_to_disk
     from evomerge.plan import open_readers
     from evomerge.recipe_loader import load_recipe_file
-    from evomerge.resident import InPlaceMerger, ResidentSources
+    from evomerge.residency.stores import make_sources
+    from evomerge.resident import InPlaceMerger
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(arch_configs(families[arch])[method]))
@@ -189,7 +193,7 @@ def test_in_place_merge_equals_disk_merge(arch, method, families, tmp_path):
     with torch.no_grad():  # so every parameter the merge misses shows
         for p in live.parameters():
             p.zero_()
-    merger = InPlaceMerger.for_model(live, recipe, readers, ResidentSources(readers))
+    merger = InPlaceMerger.for_model(live, recipe, readers, make_sources(tier, readers))
     merger.apply(recipe)
     expected = live_layout(tmp_path / "disk")
     got = live.state_dict()
@@ -197,6 +201,82 @@ def test_in_place_merge_equals_disk_merge(arch, method, families, tmp_path):
     for name, ref in expected.items():  # every parameter, a tied head and fused experts too
         # a few ulps: torch.lerp's vector and scalar paths round differently by alignment
         torch.testing.assert_close(got[name], ref, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("arch", SPLIT_MOE)
+def test_fused_stack_is_the_live_tensor(arch, families):
+    """A fusion stacks the checkpoint's expert tensors into exactly the parameter transformers
+    loads them into, and covers every expert tensor."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.checkpoint import CheckpointReader
+    from evomerge.fusion import checkpoint_fusions
+    from evomerge.memory_plan import Footprint
+
+    reader = CheckpointReader(families[arch]["s1"])
+    fusions = checkpoint_fusions(reader)
+    live = AutoModelForCausalLM.from_pretrained(families[arch]["s1"], dtype=torch.float32)
+    state = live.state_dict()
+    experts = {n for n in reader.names() if ".experts." in n}
+    assert {p[0] for f in fusions for p in f.parts} == experts
+    assert len(fusions) == 2 * live.config.num_hidden_layers  # gate_up_proj and down_proj
+    # the memory plan's largest tensor of a task is the stack
+    assert Footprint.of({"s1": reader}, "s1").largest == max(math.prod(f.shape) for f in fusions)
+    for f in fusions:
+        stack = torch.empty(f.shape)
+        for piece, (name, *_) in zip(f.pieces(stack), f.parts, strict=True):
+            piece.copy_(reader.get(name))
+        assert torch.equal(stack, state[f.name]), f.name
+
+
+def test_experts_fuse_only_where_their_tasks_agree(families, tmp_path):
+    """Weighted sums stay per tensor; a value that tells gate (`w1`) from up (`w3`) keeps those
+    tensors per tensor while the layer's `w2` still fuse; a frankenmerge fuses whole blocks
+    under the output's names."""
+    from evomerge.checkpoint import layer_index
+    from evomerge.fusion import FusedTask, plan_units
+    from evomerge.merge import MergeSettings, merge_to_disk
+    from evomerge.plan import open_readers, plan_merge
+    from evomerge.recipe_loader import load_recipe_file
+
+    fam = {k: str(v) for k, v in families["mixtral"].items()}
+
+    def units(cfg: dict, name: str) -> tuple[list, Path]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "dtype": "float32"}))
+        recipe = load_recipe_file(path)
+        readers = open_readers(recipe)
+        got = plan_units(plan_merge(recipe, readers), readers, recipe.reference_model, recipe.seed)
+        merge_to_disk(recipe, MergeSettings(out_dir=tmp_path / name, progress=False))
+        return [u for u in got if isinstance(u, FusedTask)], tmp_path / name
+
+    linear = {
+        "merge_method": "linear",
+        "models": [{"model": fam[s], "parameters": {"weight": 0.5}} for s in ("s1", "s2")],
+    }
+    assert units(linear, "linear")[0] == []
+    density = [{"filter": ".w1.", "value": 0.3}, {"value": 0.6}]
+    ties = {
+        "merge_method": "ties",
+        "base_model": fam["base"],
+        "models": [{"model": fam[s], "parameters": {"weight": 0.5, "density": density}}
+                   for s in ("s1", "s2")],
+    }  # fmt: skip
+    fused, _ = units(ties, "ties")
+    assert sorted(u.fused.name.rsplit(".", 1)[1] for u in fused) == ["down_proj"] * 2
+    slerp = {"merge_method": "slerp", "base_model": fam["s1"], "parameters": {"t": 0.3}}
+    plain = {**slerp, "models": [{"model": fam["s1"]}, {"model": fam["s2"]}]}
+    block = [{"model": fam[s], "layer_range": [1, 2]} for s in ("s1", "s2")]
+    fused, out = units({**slerp, "slices": [{"sources": block}]}, "slices")
+    assert {u.fused.name for u in fused} == {
+        "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
+    }  # fmt: skip
+    assert {layer_index(n) for u in fused for m in u.members for n in m.out.sources.values()} == {1}
+    _, whole = units(plain, "plain")  # output block 0 of the slice is block 1 of the plain merge
+    sliced, ref = load_dir(out), load_dir(whole)
+    for name, t in sliced.items():
+        if ".layers.0." in name:
+            assert torch.equal(t, ref[name.replace(".layers.0.", ".layers.1.")]), name
 
 
 def write_study(root: Path, fam: dict[str, Path]) -> Path:

@@ -61,7 +61,7 @@ def test_fetch_lists_the_hub_model_and_dataset_from_the_caches(root, caches):
     code, out, err = cli(["fetch", str(study(root, "ok"))])
     assert code == 0, err
     (s2,) = rows(out, "org/tiny-s2")
-    assert s2 == ["s2", "org/tiny-s2", commit_of("org/tiny-s2")[:12], "5", s2[4], "cached"]
+    assert s2 == ["s2", "org/tiny-s2", "main", commit_of("org/tiny-s2")[:12], "5", s2[5], "cached"]
     assert rows(out, "models/base")[0][-1] == "local"
     assert rows(out, "org/tiny-mc") == [["heldout", "hub_mc", "org/tiny-mc", "7", "ready"]]
     assert rows(out, "tiny_search")[0][-1] == "local"
@@ -107,6 +107,36 @@ def test_dry_run_lists_what_would_be_fetched_and_loads_nothing(root, caches, mon
     assert rows(out, "org/tiny-mc") == [["heldout", "hub_mc", "org/tiny-mc", "", "hub"]]
     assert out.strip().splitlines()[-1].endswith("0 B of weights to download; nothing was fetched")
     assert not empty.exists()  # no dataset was loaded
+
+
+@pytest.fixture
+def pinned(root, caches) -> str:
+    """org/tiny-pinned: main holds the base's weights, the branch v2 holds s2's."""
+    cache_repo(root / "hf" / "hub", "org/tiny-pinned", root / "models" / "base")
+    cache_repo(root / "hf" / "hub", "org/tiny-pinned", root / "models" / "s2", revision="v2")
+    return "org/tiny-pinned@v2"
+
+
+def test_dry_run_and_fetch_list_a_pinned_revision_and_its_commit(root, pinned):
+    v2 = commit_of("org/tiny-pinned", "v2")[:12]
+    for extra, last in ((["--dry-run"], "nothing was fetched"), ([], "ready to run")):
+        code, out, err = cli(["fetch", str(study(root, "pinned", s2=pinned)), *extra])
+        assert code == 0, err
+        (row,) = rows(out, "org/tiny-pinned")
+        assert row[:4] == ["s2", "org/tiny-pinned", "v2", v2] and row[-1] == "cached"
+        assert rows(out, "models/s1")[0][2] == ""  # a local folder has no revision
+        assert last in out.strip().splitlines()[-1]
+
+
+def test_a_pinned_revision_missing_from_the_cache_is_one_line_naming_it(root, pinned):
+    for extra in (["--dry-run"], []):
+        path = study(root, "pinned_gone", s2="org/tiny-pinned@v9")
+        code, out, err = cli(["fetch", str(path), *extra])
+        assert code == 2 and out == ""
+        (line,) = err.strip().splitlines()
+        assert line.startswith("evomerge: error: models.sources[s2]: 'org/tiny-pinned@v9' is no")
+        assert "revision 'v9' of 'org/tiny-pinned' is not in the hub cache" in line
+        assert "holds main, v2, " in line and "downloads are off (HF_HUB_OFFLINE=1)" in line
 
 
 def test_online_with_the_hub_unreachable_the_cache_serves_and_a_missing_id_says_why(
@@ -177,4 +207,4 @@ def test_a_lora_source_fetches_the_hub_base_its_adapter_names(root, caches):
     assert code == 0, err
     assert [r[0] for r in rows(out, "org/tiny-base")] == ["base", "tuned (its base)"]
     assert all(r[-1] == "cached" for r in rows(out, "org/tiny-base"))
-    assert rows(out, str(root / "adapter"))[0][::5] == ["tuned (adapter)", "local"]
+    assert rows(out, str(root / "adapter"))[0][::6] == ["tuned (adapter)", "local"]

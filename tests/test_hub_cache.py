@@ -152,3 +152,132 @@ def test_an_interrupted_download_names_the_files_still_missing(tmp_path, study, 
         f"only partly in the hub cache ({tmp_path}: 1 file(s) are missing "
         "(model-00002-of-00002.safetensors)); downloads are off (HF_HUB_OFFLINE=1)"
     ) in str(err.value)
+
+
+@pytest.fixture
+def two_revisions(tmp_path, study, monkeypatch) -> dict[str, Path]:
+    """org/tiny in the cache three times: main holds s1, the branch v2 holds s2, and a commit
+    reached by its hash alone (no ref) holds the base."""
+    models = study.parent / "models"
+    hub = tmp_path / "hub"
+    snaps = {
+        "main": cache_repo(hub, "org/tiny", models / "s1"),
+        "v2": cache_repo(hub, "org/tiny", models / "s2", revision="v2"),
+        "detached": cache_repo(hub, "org/tiny", models / "base", revision=None),
+    }
+    use_cache(monkeypatch, hub)
+    return snaps
+
+
+def test_a_pinned_revision_is_the_one_loaded(two_revisions, study):
+    from huggingface_hub import scan_cache_dir
+    from safetensors.torch import load_file
+
+    (repo,) = scan_cache_dir(two_revisions["main"].parents[2]).repos  # huggingface_hub agrees
+    assert {r.commit_hash: r.refs for r in repo.revisions} == {
+        commit_of("org/tiny"): frozenset({"main"}),
+        commit_of("org/tiny", "v2"): frozenset({"v2"}),
+        commit_of("org/tiny", "snapshot"): frozenset(),
+    }
+    models = study.parent / "models"
+    detached = commit_of("org/tiny", "snapshot")
+    for ref, snap, folder in [
+        ("org/tiny", "main", "s1"),
+        ("org/tiny@main", "main", "s1"),
+        ("org/tiny@v2", "v2", "s2"),
+        (f"org/tiny@{detached}", "detached", "base"),
+    ]:
+        reader = CheckpointReader(ref, where="models.sources[s]")
+        assert reader.path == two_revisions[snap], ref
+        name = "model.layers.0.mlp.up_proj.weight"
+        expected = load_file(models / folder / "model.safetensors")[name]
+        assert reader.get(name).equal(expected), ref
+    assert not load_file(models / "s1" / "model.safetensors")[name].equal(expected)
+
+
+def test_a_revision_not_in_the_cache_is_one_line_naming_what_is(two_revisions, tmp_path):
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": "org/tiny@v9", "parameters": {"weight": 0.5}},
+                   {"model": "org/tiny@v2", "parameters": {"weight": 0.5}}],
+    }))  # fmt: skip
+    code, out, err = cli(["merge", str(cfg), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert line.startswith("evomerge: error: model 'tiny': 'org/tiny@v9' is no local folder")
+    assert "revision 'v9' of 'org/tiny' is not in the hub cache" in line
+    held = sorted(commit_of("org/tiny", r)[:12] for r in ("main", "v2", "snapshot"))
+    assert f"holds main, v2, {', '.join(held)})" in line
+    assert "downloads are off (HF_HUB_OFFLINE=1)" in line
+
+
+def test_a_mergekit_file_merges_the_pinned_revisions(two_revisions, study, tmp_path):
+    """`org/tiny@v2` and {path: org/tiny, revision: <commit>} merge the snapshots they pin:
+    the same tensors as the merge of the two folders."""
+    from safetensors.torch import load_file
+
+    models = study.parent / "models"
+    detached = commit_of("org/tiny", "snapshot")
+
+    def merge(a, b, out):
+        cfg = tmp_path / f"{out}.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "merge_method": "linear", "dtype": "float32",
+            "models": [{"model": a, "parameters": {"weight": 0.3}},
+                       {"model": b, "parameters": {"weight": 0.7}}],
+        }))  # fmt: skip
+        code, _, err = cli(["merge", str(cfg), "--out", str(tmp_path / out), "--quiet"])
+        assert code == 0, err
+        return load_file(tmp_path / out / "model.safetensors")
+
+    pinned = merge("org/tiny@v2", {"path": "org/tiny", "revision": detached}, "pinned")
+    folders = merge(str(models / "s2"), str(models / "base"), "folders")
+    assert pinned.keys() == folders.keys()
+    assert all(pinned[k].equal(folders[k]) for k in folders)
+
+
+def test_a_local_folder_whose_name_holds_an_at_sign_is_a_folder(
+    two_revisions, study, tmp_path, monkeypatch
+):
+    """A path that exists wins over the hub reading of 'org/tiny@v2'."""
+    import shutil
+
+    local = tmp_path / "work" / "org" / "tiny@v2"
+    shutil.copytree(study.parent / "models" / "base", local)
+    monkeypatch.chdir(tmp_path / "work")
+    assert CheckpointReader("org/tiny@v2").path == local.resolve()
+    assert CheckpointReader(str(local)).path == local.resolve()
+
+
+def test_a_study_with_a_pinned_source_runs_it_and_its_card_records_the_revision(
+    tmp_path, study, monkeypatch
+):
+    """s2 given as org/tiny-s2@v2 (main holds other weights) runs exactly as the s2 folder; the
+    export's card keeps base_model the bare id and records the revision and its commit."""
+    from huggingface_hub import ModelCard
+
+    root = study.parent
+    cache_repo(tmp_path / "hub", "org/tiny-s2", root / "models" / "base")  # main: not s2
+    cache_repo(tmp_path / "hub", "org/tiny-s2", root / "models" / "s2", revision="v2")
+    use_cache(monkeypatch, tmp_path / "hub")
+    sources = [{"name": "s1", "path": "models/s1"}, {"name": "s2", "path": "org/tiny-s2@v2"}]
+    pinned = with_changes(root, "pinned_source", models__sources=sources)
+    runs = tmp_path / "runs"
+    for name, path in (("local", study), ("pinned", pinned)):
+        code, _, err = cli(["run", str(path), "--name", name, "--runs-dir", str(runs), "--quiet"])
+        assert code == 0, err
+    assert trial_sequence(runs / "pinned") == trial_sequence(runs / "local")
+    assert "path: org/tiny-s2@v2" in (runs / "pinned" / "study.yaml").read_text()
+    out = tmp_path / "export"
+    args = ["export", str(runs / "pinned"), "--out", str(out), "--no-report", "--quiet"]
+    code, _, err = cli(args)
+    assert code == 0, err
+    card = ModelCard.load(out / "README.md")
+    meta = card.data.to_dict()
+    assert meta["base_model"] == ["org/tiny-s2"]
+    assert meta["evomerge"]["revisions"] == [
+        {"model": "org/tiny-s2", "revision": "v2", "commit": commit_of("org/tiny-s2", "v2")}
+    ]
+    assert meta["evomerge"]["models"]["sources"]["s2"] == "org/tiny-s2@v2"
+    assert "- `s2`: `org/tiny-s2@v2`" in card.text

@@ -51,6 +51,34 @@ def test_models_form_is_one_section_with_the_base_as_an_input():
     }
 
 
+def test_pinned_hub_revisions_stay_part_of_the_reference(tmp_path):
+    """mergekit's `org/name@revision` and ModelPath {path, revision} are one reference each
+    (resolved with that revision by checkpoint.resolve_model_path); names drop the revision,
+    and a local folder whose name holds '@' is a folder."""
+    folder = tmp_path / "m@local"
+    folder.mkdir()
+    r = from_mergekit(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": "org/m@v2", "parameters": {"weight": 1}},
+                {"model": {"path": "org/n", "revision": "a" * 40}, "parameters": {"weight": 1}},
+                {
+                    "model": {"model": {"path": "org/m", "revision": "v1"}},
+                    "parameters": {"weight": 1},
+                },
+                {"model": str(folder), "parameters": {"weight": 1}},
+            ],
+        }
+    )
+    assert r.models == {
+        "m": "org/m@v2",
+        "n": f"org/n@{'a' * 40}",
+        "m-2": "org/m@v1",
+        "m@local": str(folder),
+    }
+
+
 def test_slices_form_becomes_layer_sections_and_the_tensors_outside_them():
     r = from_mergekit(
         {
@@ -61,11 +89,12 @@ def test_slices_form_becomes_layer_sections_and_the_tensors_outside_them():
             ],
         }
     )
-    assert [s.model_dump(include={"layers", "filter", "label"}) for s in r.sections] == [
-        {"layers": (0, 3), "filter": None, "label": "slices[0]"},
-        {"layers": (3, 6), "filter": None, "label": "slices[1]"},
-        {"layers": None, "filter": "embed", "label": "slices[0]"},
-        {"layers": None, "filter": None, "label": "slices[1]"},
+    keys = {"layers", "filter", "outside", "label"}
+    assert [s.model_dump(include=keys) for s in r.sections] == [
+        {"layers": (0, 3), "filter": None, "outside": None, "label": "slices[0]"},
+        {"layers": (3, 6), "filter": None, "outside": None, "label": "slices[1]"},
+        {"layers": None, "filter": None, "outside": "pre", "label": "slices[0]"},
+        {"layers": None, "filter": None, "outside": "post", "label": "slices[1]"},
     ]
     assert [list(s.models) for s in r.sections] == [["a"], ["b"], ["a"], ["b"]]
     assert r.slices is not None and [sl.length for sl in r.slices] == [3, 3]
@@ -142,7 +171,14 @@ def test_what_mergekit_ignores_is_one_warning_line_each(caplog):
         ({"merge_method": "linear"}, "give exactly one of `models` or `slices`"),
         ({"merge_method": "linear", "models": [3]}, r"models\[0\]: expected a model path, got 3"),
         ({"merge_method": "linear", "models": ["/a+/l+/x"]}, "is not BASE\\+ADAPTER"),
-        ({"merge_method": "linear", "models": ["org/m@v2"]}, "pins a hub revision"),
+        ({"merge_method": "linear", "models": ["org/m@v2@v3"]}, "more than one '@'"),
+        (
+            {
+                "merge_method": "linear",
+                "models": [{"model": {"path": "org/m@v2", "revision": "v3"}}],
+            },
+            "already pins a revision",
+        ),
         ({"merge_method": "linear", "modules": {"text": {}}}, "modules: .* is not supported"),
         (
             {

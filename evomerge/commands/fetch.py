@@ -34,13 +34,15 @@ def _print(report: FetchReport) -> None:
     from evomerge.fetch import human_size
 
     longest = max([len(m.ref) for m in report.models] + [len(t.data.dataset) for t in report.tasks])
-    console = Console(width=max(100, longest + 70))  # never wrap a path or an id inside a cell
+    console = Console(width=max(100, longest + 85))  # never wrap a path or an id inside a cell
     models = Table(title="models", title_justify="left")
-    for col in ("model", "source", "snapshot", "files", "size", "status"):
+    for col in ("model", "source", "revision", "snapshot", "files", "size", "status"):
         models.add_column(col, justify="right" if col in ("files", "size") else "left")
     for m in report.models:
+        source = m.ref.removesuffix(f"@{m.revision}") if m.revision else m.ref
+        rev = "" if m.status == "local" else m.revision or "main"  # main: the default branch
         snap = m.snapshot[:12] if m.snapshot else "local folder"
-        models.add_row(m.name, m.ref, snap, str(m.files), human_size(m.bytes), m.status)
+        models.add_row(m.name, source, rev, snap, str(m.files), human_size(m.bytes), m.status)
     console.print(models)
     if report.tasks:
         tasks = Table(title="tasks", title_justify="left")

@@ -120,6 +120,9 @@ class MergeMethod:
     coefficients: Callable[[Sequence[dict[str, Any]], dict[str, Any]], Coefficients] | None = field(
         default=None, compare=False
     )
+    # Each output element depends only on the same element of the inputs (weighted sums too):
+    # merged tensor by tensor, never over a stack of fused tensors (evomerge.fusion).
+    elementwise: bool = False
     doc: str = field(default="", compare=False)
     # Rules that tie parameters together (della: density +/- epsilon inside (0, 1)); called with
     # (model_params, global_params, where) after defaults are filled; raises ConfigError.

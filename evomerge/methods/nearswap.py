@@ -33,5 +33,6 @@ NEARSWAP = MergeMethod(
     min_models=1,
     max_models=1,
     skips_base_model=True,
+    elementwise=True,
     doc="the other model's entries where they lie within t of the base's, a blend farther out",
 )

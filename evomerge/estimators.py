@@ -1,5 +1,5 @@
 """Fitness estimators from a subset of the items: `mean` (the subset mean) and `irt` (an item
-response model fitted on candidates scored on every item; evomerge/irt.py).
+response model fitted on the parents and on candidates scored on every item; evomerge/irt.py).
 
 An estimator maps a candidate's item results to (fitness estimate, variance). The irt one is
 refitted as full-fidelity rows accumulate (`IrtRefit`), at points that depend only on how many
@@ -63,23 +63,36 @@ def refit_points(n: int) -> int:
 
 @dataclass
 class IrtRefit:
-    """The irt estimator of a study, refitted on the first k full-fidelity rows (in trial order)
-    as k passes `refit_points`: a fit costs about a second at 300 rows, and the same rows give
+    """The irt estimator of a study, refitted on the first k rows as k passes `refit_points`:
+    the parents first (evomerge/parents.py: known before any candidate), then the full-fidelity
+    candidates in trial order. A fit costs about a second at 300 rows, and the same rows give
     the same model in a resumed study."""
 
     terms: Sequence[Term]
     counts: dict[str, int]
     rows: list[ItemScores] = field(default_factory=list)
+    parents: list[ItemScores] = field(default_factory=list)
     fitted_on: int = -1
     _estimate: Estimator | None = None
 
     def add(self, full_row: ItemScores) -> None:
         self.rows.append(full_row)
 
+    def set_parents(self, rows: Sequence[ItemScores]) -> None:
+        """The parents' rows, in model order; set before the first estimate of a study."""
+        self.parents = list(rows)
+        self._estimate, self.fitted_on = None, -1
+
+    @property
+    def training(self) -> list[ItemScores]:
+        """Every row the model may be fitted on, in the order `refit_points` takes them."""
+        return [*self.parents, *self.rows]
+
     def __call__(self, items: ItemScores) -> tuple[float, float]:
-        k = refit_points(len(self.rows))
+        train = self.training
+        k = refit_points(len(train))
         if self._estimate is None or k != self.fitted_on:
-            rows = self.rows[:k]
+            rows = train[:k]
             self._estimate = (
                 irt_estimator(rows, self.terms, self.counts)
                 if rows

@@ -31,6 +31,7 @@ from evomerge.runstore import (
     _parse_trial,
     _pid_alive,
     candidates_done,
+    parent_items,
 )
 
 #: the recent window throughput is measured over (seconds)
@@ -205,16 +206,18 @@ def budget_lines(
     budget: Mapping[str, Any],
     rate: Throughput | None,
     elapsed: float | None = None,
+    parent_items: int = 0,
 ) -> list[BudgetLine]:
     """The budgets the study sets (budget.max_trials, max_items, max_seconds: the latter only
-    with `elapsed`, the seconds of the running session, since it limits one run or resume)."""
+    with `elapsed`, the seconds of the running session, since it limits one run or resume).
+    `parent_items`: the items of the parents' rows (evomerge/parents.py), in max_items too."""
     out = []
     if budget.get("max_trials"):
         done, limit = candidates_done(records), budget["max_trials"]
         per_s = rate.per_minute / 60 if rate is not None else 0.0
         out.append(BudgetLine("trials", done, limit, _eta(limit - done, per_s)))
     if budget.get("max_items"):
-        used, limit = sum(r.items for r in records), budget["max_items"]
+        used, limit = sum(r.items for r in records) + parent_items, budget["max_items"]
         per_s = rate.items_per_second if rate is not None else 0.0
         out.append(BudgetLine("items", used, limit, _eta(limit - used, per_s)))
     if budget.get("max_seconds") and elapsed is not None:
@@ -249,6 +252,7 @@ class Snapshot:
     controller: dict[str, Any] | None  # {host, pid} of the process that runs it
     records: list[TrialRecord] = field(default_factory=list)
     read_at: float = 0.0
+    parent_items: int = 0  # items of the parents' rows (racing with irt), in budget.max_items
 
     @property
     def name(self) -> str:
@@ -296,6 +300,7 @@ class RunFollower:
             else None,
             records=list(self._records),
             read_at=time.time(),
+            parent_items=parent_items(self.dir),
         )
 
     def _read_study(self) -> dict[str, Any]:

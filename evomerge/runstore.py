@@ -8,6 +8,8 @@
 - `.lock`: flocked by the one process that runs the study (evomerge/run_lock.py).
 - `fitness.json`: what a fitness means in this run, fixed at start (evomerge/fitness_definition.py).
 - `items/<trial>.npz`: the items each evaluation scored and their values (evomerge/items.py).
+- `items/parents/<model>.npz`: each parent on every fitness item (racing with the irt estimator:
+  evomerge/parents.py); not trials, but their items count toward budget.max_items.
 - `best/recipe.yaml`, `best/trial.json`: the best so far, replaced atomically on improvement.
 - optimizer files (`optimizer.pkl`, `optuna.db`, `sampler.pkl`) are the optimizer's own.
 """
@@ -30,6 +32,7 @@ from evomerge.run_lock import LOCK, lock_holder, lock_run_dir
 
 TRIALS = "trials.jsonl"
 ITEMS = "items"  # items/<trial>.npz: each evaluation's per-item values (evomerge/items.py)
+PARENTS = "parents"  # items/parents/<model>.npz: the parents' rows of the irt estimator
 STATE = "state.json"
 STUDY = "study.yaml"
 
@@ -229,6 +232,19 @@ class RunStore:
         path = self.items_path(trial)
         return ItemScores.load(path) if path.exists() else None
 
+    def parent_path(self, model: str) -> Path:
+        return self.dir / ITEMS / PARENTS / f"{model}.npz"
+
+    def write_parent_items(self, model: str, items: ItemScores) -> None:
+        """A parent's items (atomically: a file that exists is whole, and it is the record)."""
+        items.save(self.parent_path(model))
+
+    def read_parent_items(self) -> dict[str, ItemScores]:
+        """The parents scored so far, by model name."""
+        folder = self.dir / ITEMS / PARENTS
+        paths = sorted(folder.glob("*.npz")) if folder.is_dir() else []
+        return {p.stem: ItemScores.load(p) for p in paths}
+
     def write_item_counts(self, counts: dict[str, int]) -> None:
         """Items per fitness task (racing's rungs are built from them on resume)."""
         atomic_write(self.dir / ITEMS / "counts.json", json.dumps(counts, sort_keys=True) + "\n")
@@ -298,6 +314,11 @@ def best_trial(records: list[TrialRecord]) -> TrialRecord | None:
     earliest); a racing estimate from a subset never becomes the best."""
     ok = [r for r in records if r.status == "ok" and r.ok and r.fidelity >= 1.0]
     return max(ok, key=lambda r: (r.fitness[0], -r.trial)) if ok else None
+
+
+def parent_items(run_dir: Path) -> int:
+    """Items the parents' files hold (budget.max_items counts them, though they are no trial)."""
+    return sum(items.count for items in RunStore(run_dir).read_parent_items().values())
 
 
 def candidates_done(records: list[TrialRecord]) -> int:

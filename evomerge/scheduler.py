@@ -122,6 +122,20 @@ class Scheduler:
             result = RungResult(rec.trial, rec.rung, cum[rec.proposal], rec.fitness[0])
             self._remember(result, rec)
 
+    def counts_known(self, counts: dict[str, int] | None) -> None:
+        """The item counts of the first result: written once (resume rebuilds rungs from them)."""
+        if self.rungs is None and counts:
+            self.store.write_item_counts(counts)
+            self._set_rungs(counts)
+
+    def set_parents(self, rows: list[ItemScores]) -> None:
+        """The parents' rows of the irt model (evomerge/parents.py), before any estimate: they
+        come first in its training rows, so a resumed study fits on the same rows in order."""
+        for row in rows:
+            check_per_item(row, self.terms)
+        if self.irt is not None:
+            self.irt.set_parents(rows)
+
     def _set_rungs(self, counts: dict[str, int]) -> None:
         cfg = self.plan.config.fitness
         self.rungs = Rungs.build(counts, cfg, self.plan.config.seed)
@@ -147,9 +161,7 @@ class Scheduler:
         """The line for an evaluation's outcome: full fidelity passes the scores through;
         racing estimates the fitness from every item the candidate has so far."""
         objective = self.plan.objective
-        if self.rungs is None and counts:
-            self.store.write_item_counts(counts)
-            self._set_rungs(counts)
+        self.counts_known(counts)
         if not self.racing or scores is None:
             fitness = None if scores is None else list(objective.evaluate(scores))
             return Estimate(fitness, scores or {}, outcome_items, 1.0, None, None)
@@ -158,16 +170,7 @@ class Scheduler:
         prev = have[max(have)].items if have else None
         assert outcome_items is not None and self.rungs is not None
         items = outcome_items if prev is None else prev.union(outcome_items)
-        missing = [
-            f"{t.task}/{t.metric}"
-            for t in self.terms
-            if t.metric not in items.values.get(t.task, {})
-        ]
-        if missing:
-            raise TaskError(
-                f"fitness.fidelity racing needs each fitness metric per item; {missing[0]} is "
-                "computed over the whole task (not a mean of per-item values): use fidelity full"
-            )
+        check_per_item(items, self.terms)
         if self.irt is not None:
             value, var = self.irt(items)
         else:
@@ -228,3 +231,15 @@ class Scheduler:
         ev = self.ready.popleft()
         self.active[ev.proposal].in_flight = True
         return ev
+
+
+def check_per_item(items: ItemScores, terms: tuple[Term, ...]) -> None:
+    """Racing estimates a fitness from item values: each fitness metric must have one per item."""
+    missing = [
+        f"{t.task}/{t.metric}" for t in terms if t.metric not in items.values.get(t.task, {})
+    ]
+    if missing:
+        raise TaskError(
+            f"fitness.fidelity racing needs each fitness metric per item; {missing[0]} is "
+            "computed over the whole task (not a mean of per-item values): use fidelity full"
+        )

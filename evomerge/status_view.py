@@ -72,7 +72,8 @@ def make_frame(snap: Snapshot, window: float = WINDOW) -> Frame:
     rate = throughput(records, end, window, since=snap.session_start)
     start = snap.session_start
     elapsed = snap.read_at - start if start is not None else None
-    budgets = budget_lines(records, snap.budget, rate if running else None, elapsed)
+    rate_now = rate if running else None
+    budgets = budget_lines(records, snap.budget, rate_now, elapsed, snap.parent_items)
     ivs = evaluation_intervals(records)
     evaluations: dict[str, int] = {}
     for iv in ivs:

@@ -19,6 +19,7 @@ from evomerge.config import StudyConfig, parse_study
 from evomerge.errors import ConfigError, DiskFullError, Terminated
 from evomerge.executors import Job
 from evomerge.optimizers import Optimizer, Proposal
+from evomerge.parents import parent_recipes, score_parents, wants_parents
 from evomerge.runstore import RunStore, TrialRecord, best_trial
 from evomerge.scheduler import Evaluation, Scheduler
 from evomerge.study_plan import StudyPlan
@@ -141,6 +142,7 @@ class Study:
         }
         self.best = best_trial(self.records)
         self.sched = Scheduler(plan, store)
+        self.parent_items = 0  # items the parents' rows cost (evomerge/parents.py)
         self.tracking = Tracking(())  # the run's sinks (evomerge/tracking), opened by run()
 
     @property
@@ -187,6 +189,7 @@ class Study:
                 deadline = time.monotonic() + max_s if max_s else None
                 with gate.waiting_on_workers():  # starting workers: a signal stops it at once
                     executor = self.plan.executor()
+                self._parents(executor, gate)
                 jobs = 0
                 while True:
                     gate.check()
@@ -240,7 +243,27 @@ class Study:
         if budget.max_items is None:
             return True
         cost = self.sched.next_cost() or 0
-        return sum(r.items for r in self.records) + cost <= budget.max_items
+        spent = sum(r.items for r in self.records) + self.parent_items
+        return spent + cost <= budget.max_items
+
+    def _parents(self, executor: Any, gate: InterruptGate) -> None:
+        """Racing with the irt estimator: the parents' rows (evomerge/parents.py), read from
+        their files and the missing ones scored, before the first candidate. A run that has
+        trials but no parent files began before parents were rows: it continues without them,
+        as it began."""
+        if not wants_parents(self.config):
+            return
+        recipes = parent_recipes(self.plan)
+        have = self.store.read_parent_items()
+        if not self.records:
+            missing = {name: r for name, r in recipes.items() if name not in have}
+            for name, items, counts in score_parents(executor, missing, gate.waiting_on_workers):
+                self.sched.counts_known(counts)  # counts.json before the first file
+                self.store.write_parent_items(name, items)
+                have[name] = items
+        rows = [have[name] for name in recipes if name in have]
+        self.parent_items = sum(row.count for row in rows)
+        self.sched.set_parents(rows)
 
     def _ask_new(self, optimizer: Optimizer, bar: Any) -> bool:
         """Start one new candidate (or record a duplicate); False when none can start now."""

@@ -229,3 +229,42 @@ def test_bad_inputs_say_what_is_wrong(world) -> None:
         irt.estimate(world.model, np.array([1, 1]), np.array([1.0, 0.0]))
     with pytest.raises(ValueError, match="values of shape"):
         irt.estimate(world.model, np.array([1, 2]), np.array([1.0]))
+
+
+def _rows(responses: np.ndarray) -> list:
+    """Rows of one task ("add", metric acc) as a study's item files hold them."""
+    from evomerge.items import ItemScores
+
+    ids = np.arange(responses.shape[1])
+    return [ItemScores({"add": ids}, {"add": {"acc": row}}) for row in responses]
+
+
+def test_refit_takes_the_parents_first_and_fits_once_they_and_the_rows_reach_min_rows(world):
+    from evomerge.estimators import IrtRefit, irt_estimator, mean_estimator
+    from evomerge.fidelity import Term
+    from evomerge.items import ItemScores
+
+    terms, counts = (Term("add", "acc", 1.0),), {"add": PER_TASK}
+    responses = world.train[:, world.task == 0]
+    parents, rows = _rows(responses[:3]), _rows(responses[3:10])
+    ids = np.sort(np.random.default_rng(4).choice(PER_TASK, PER_TASK // 4, replace=False))
+    part = ItemScores({"add": ids}, {"add": {"acc": world.new[0, world.task == 0][ids]}})
+    mean = mean_estimator(terms, counts)(part)
+
+    alone = IrtRefit(terms, counts)
+    for row in rows[:5]:
+        alone.add(row)
+    assert alone(part) == mean and alone.fitted_on == 0  # 5 candidate rows: the mean
+
+    refit = IrtRefit(terms, counts)
+    for row in rows[:5]:
+        refit.add(row)
+    refit.set_parents(parents)  # 3 parents + 5 rows = MIN_ROWS: fitted
+    got = refit(part)
+    assert refit.fitted_on == irt.MIN_ROWS and got != mean
+    assert got == irt_estimator(parents + rows[:5], terms, counts)(part)
+    refit.add(rows[5])  # 9 rows: still the fit on the first 8, parents first
+    assert refit(part) == got and refit.fitted_on == 8
+    refit.add(rows[6])  # 10: refitted on all of them
+    assert refit(part) == irt_estimator(parents + rows[:7], terms, counts)(part)
+    assert refit.fitted_on == 10

@@ -33,7 +33,7 @@ def summarize(run_dir: str) -> dict:
     """Counts are of distinct trials (RunStore.read_trials), never of lines; trials_completed
     counts candidates, the unit of the budget."""
     from evomerge.run_lock import lock_holder
-    from evomerge.runstore import RunStore, best_trial, candidates_done
+    from evomerge.runstore import RunStore, best_trial, candidates_done, parent_items
     from evomerge.yaml_io import read_yaml
 
     store = RunStore.open(run_dir)
@@ -50,6 +50,8 @@ def summarize(run_dir: str) -> dict:
         "failed": sum(1 for r in records if r.status == "failed"),
         "duplicates": sum(1 for r in records if r.status == "duplicate"),
         "seconds_per_trial": round(sum(seconds) / len(seconds), 3) if seconds else None,
+        # items of the parents' rows (racing with irt; no candidates, but in budget.max_items)
+        "parent_items": parent_items(store.dir),
         "best": None,
         "run_dir": str(store.dir),
     }

@@ -5,6 +5,9 @@ Two measurements on the demo zoo, both labelled with what they spend:
   study with the same item budget (the items `--trials` full-fidelity candidates score), its
   winner's held-out mean (the mean of the held-out tasks' primary metrics) and the items it
   scored; studies are run once in the work dir and reused;
+- items to match: for each racing setting and seed, the items it had scored when its incumbent
+  (best full-fidelity candidate so far) first reached the held-out mean of the `full` winner of
+  the same seed, as a share of the items `full` scored (None: never reached);
 - estimates: for `--estimate-candidates` random candidates scored on every item, the Spearman
   rank correlation between each estimator's estimate from a quarter of the items and the full
   score (irt is fitted on the parents and on as many other random candidates).
@@ -15,6 +18,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ def run_fidelity_bench(
 
     study = ensure_zoo(Path(zoo_dir))
     out: dict[str, Any] = {"trials_budget": trials, "seeds": list(seeds), "search": {}}
+    runs: dict[str, list[dict]] = {}
     for name in settings:
         rows = [_one_study(study, work / f"{name}-s{seed}", name, seed, trials) for seed in seeds]
         out["search"][name] = {
@@ -47,6 +52,16 @@ def run_fidelity_bench(
             "candidates": [r["candidates"] for r in rows],
             "seconds": [round(r["seconds"], 1) for r in rows],
         }
+        runs[name] = rows
+    if "full" in runs:
+        for name, rows in runs.items():
+            if name == "full":
+                continue
+            shares = [
+                items_to_match(row["trace"], full["heldout_mean"], full["items"])
+                for row, full in zip(rows, runs["full"], strict=True)
+            ]
+            out["search"][name]["items_to_match_full"] = shares
     if estimate_candidates:
         out["estimates"] = spearman_at_a_quarter(study, estimate_candidates)
     return out
@@ -83,12 +98,36 @@ def _one_study(study: Path, run_dir: Path, setting: str, seed: int, trials: int)
             Study(store, plan, progress=False).run(resume=True)
     records = store.read_trials()
     best = best_trial(records)
+    trace = incumbent_trace(records, lambda genome: _heldout_mean(plan, genome))
     return {
-        "heldout_mean": _heldout_mean(plan, best.genome),
+        "heldout_mean": trace[-1][1] if trace else _heldout_mean(plan, best.genome),
+        "trace": trace,
         "items": sum(r.items for r in records),
         "candidates": len({r.proposal for r in records}),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def incumbent_trace(records: list, heldout: Callable[[dict], float]) -> list[tuple[int, float]]:
+    """(items scored so far, held-out mean of the incumbent) each time the incumbent changes, in
+    the order the lines were written; the incumbent is the best full-fidelity line so far."""
+    trace: list[tuple[int, float]] = []
+    spent, best = 0, None
+    for r in records:
+        spent += r.items
+        full = r.status == "ok" and r.ok and r.fidelity >= 1.0
+        if full and (best is None or r.fitness[0] > best):
+            best = r.fitness[0]
+            trace.append((spent, heldout(r.genome)))
+    return trace
+
+
+def items_to_match(trace: list[tuple[int, float]], target: float, full_items: int) -> float | None:
+    """The share of `full_items` spent when the incumbent's held-out first reached `target`."""
+    for spent, value in trace:
+        if value >= target - 1e-9:
+            return round(spent / full_items, 4)
+    return None
 
 
 def _search_items(config: Any) -> int:
@@ -128,8 +167,11 @@ def spearman_at_a_quarter(study: Path, n: int, seed: int = 0) -> dict[str, float
                 g[d.name] = rng.uniform(d.low, d.high)
         return g
 
+    def full_items_of(recipe: Any) -> ItemScores:
+        return worker.evaluate(recipe).items
+
     def full_items(genome: dict) -> ItemScores:
-        return worker.evaluate(plan.space.decode(genome)).items
+        return full_items_of(plan.space.decode(genome))
 
     train = [full_items(random_genome()) for _ in range(n)]
     test = [full_items(random_genome()) for _ in range(n)]
@@ -144,9 +186,18 @@ def spearman_at_a_quarter(study: Path, n: int, seed: int = 0) -> dict[str, float
     )
     try:
         from evomerge.estimators import irt_estimator
+        from evomerge.parents import parent_recipes
 
-        est = irt_estimator(train, terms, counts)
-        out["spearman_irt"] = round(_spearman([est(p)[0] for p in part], truth), 4)
+        # the parents (base and sources alone) scored on every item: a study's first irt rows
+        parents = [full_items_of(r) for r in parent_recipes(plan).values()]
+        for key, rows in {
+            "spearman_irt": train,  # n random candidates
+            "spearman_irt_parents_only": parents,  # 0 random + the parents
+            "spearman_irt_parents": parents + train,  # n random + the parents
+        }.items():
+            est = irt_estimator(rows, terms, counts)
+            out[key] = round(_spearman([est(p)[0] for p in part], truth), 4)
+            out[f"{key}_rows"] = len(rows)  # below irt.MIN_ROWS the estimate is the mean
     except ImportError:  # the irt estimator is optional in this build
         out["spearman_irt"] = float("nan")
     return out

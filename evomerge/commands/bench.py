@@ -158,6 +158,11 @@ def print_fidelity(f: dict) -> None:
         means = " ".join(f"{v:.3f}" for v in row["heldout_mean"])
         items = " ".join(str(v) for v in row["items"])
         print(f"{name:<14}{means:>28}{row['heldout_mean_avg']:>8.3f}{items:>26}")
+        if "items_to_match_full" in row:
+            shares = " ".join(
+                "never" if v is None else f"{100 * v:.0f}%" for v in row["items_to_match_full"]
+            )
+            print(f"{'':<14}reached full's held-out mean with {shares} of full's items")
     if "estimates" in f:
         e = f["estimates"]
         print(

@@ -45,7 +45,7 @@ def test_eval_splits_are_disjoint_and_never_trained():
     for skill in SKILLS:
         search = {d["question"] for d in docs[skill]["search"]}
         heldout = {d["question"] for d in docs[skill]["heldout"]}
-        assert len(search) == zoo_data.N_SEARCH and len(heldout) == zoo_data.N_HELDOUT
+        assert len(search) == zoo_data.n_search(skill) and len(heldout) == zoo_data.N_HELDOUT
         assert not search & heldout, skill
     rng = random.Random(7)
     eval_questions = {
@@ -79,7 +79,10 @@ def test_tasks_load_offline_from_any_folder(tmp_path, monkeypatch):
     for name in names:
         task = loaded[name]
         docs = list(task.eval_docs)
-        assert len(docs) == (zoo_data.N_SEARCH if name.endswith("search") else zoo_data.N_HELDOUT)
+        skill = name.split("_")[1]
+        assert len(docs) == (
+            zoo_data.n_search(skill) if name.endswith("search") else zoo_data.N_HELDOUT
+        )
         kinds[name] = task.OUTPUT_TYPE
     assert set(kinds.values()) == {"multiple_choice", "generate_until"}
     group = get_task_dict(["zoo_heldout"], manager)

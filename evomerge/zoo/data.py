@@ -27,6 +27,16 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 DATA_SEED = 1234  # the evaluation documents and fact tables depend on this alone
 N_SEARCH = 48  # documents per skill in the search split (fitness)
 N_HELDOUT = 96  # documents per skill in the held-out split (reports only)
+# Extra search documents per generative skill, so that full-fidelity fitness costs something and
+# racing has items to save: 48 items overfit (add 0.229 on search vs 0.062 held-out). Drawn after
+# the first N_SEARCH + N_HELDOUT and, like them, never trained on, so the search split measures
+# the skill as held-out does. facts keeps its 48: its fine-tune memorised exactly the zoo table.
+N_SEARCH_EXTRA: dict[str, int] = {"add": 252, "reverse": 252}
+
+
+def n_search(skill: str) -> int:
+    """Documents of `skill` in the search split."""
+    return N_SEARCH + N_SEARCH_EXTRA.get(skill, 0)
 REV_LENGTHS = (3, 6)  # reversed strings have 3..6 letters: answer + newline fits 8 tokens
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -131,7 +141,33 @@ def eval_docs() -> dict[str, dict[str, list[dict]]]:
         for f in fact_tables()[0]
     ]
     docs = {"add": add, "facts": facts, "reverse": rev}
-    return {k: {"search": v[:N_SEARCH], "heldout": v[N_SEARCH:n]} for k, v in docs.items()}
+    extra = _extra_search_docs(rng, seen_pairs, seen_words)
+    return {
+        k: {"search": v[:N_SEARCH] + extra.get(k, []), "heldout": v[N_SEARCH:n]}
+        for k, v in docs.items()
+    }
+
+
+def _extra_search_docs(
+    rng: random.Random, seen_pairs: set[tuple[int, int]], seen_words: set[str]
+) -> dict[str, list[dict]]:
+    """N_SEARCH_EXTRA more add and reverse documents, none equal to an earlier one."""
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < N_SEARCH_EXTRA["add"]:
+        p = (rng.randint(10, 99), rng.randint(10, 99))
+        if p not in seen_pairs:
+            seen_pairs.add(p)
+            pairs.append(p)
+    words: list[str] = []
+    while len(words) < N_SEARCH_EXTRA["reverse"]:
+        w = _rand_word(rng)
+        if w not in seen_words:
+            seen_words.add(w)
+            words.append(w)
+    return {
+        "add": [dict(zip(("question", "answer"), add_line(a, b), strict=True)) for a, b in pairs],
+        "reverse": [dict(zip(("question", "answer"), reverse_line(w), strict=True)) for w in words],
+    }
 
 
 @lru_cache(maxsize=1)

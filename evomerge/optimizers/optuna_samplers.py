@@ -3,12 +3,13 @@
 Storage. `state_dir/optuna.db`, study name "evomerge", every direction "maximize": open it with
 `optuna-dashboard sqlite:///RUN_DIR/optuna.db`. The sampler works on an in-memory copy of it,
 and `save()` (after every ask and tell) writes what changed into the file, a few transactions
-per trial instead of Optuna's one per storage call (optuna_storage.py; `open` reads the file
-back into memory exactly). TPE samples from a bounded window of the history (optuna_tpe.py,
-option `history`), so that a long study's asks do not slow down. Proposal ids are Optuna trial numbers; `pending()`
-is the trials still RUNNING (after a crash the loop evaluates them again and tells those same
-trial numbers). A failed candidate is told as state FAIL, which every sampler here skips (the
-CMA-ES sampler simply waits for enough successful trials to complete its generation).
+per trial instead of Optuna's one per storage call, in SQLite's WAL mode: one fsync a save
+(optuna_storage.py; `open` reads the file back into memory exactly). TPE samples from a
+bounded window of the history (optuna_tpe.py, option `history`), so that a long study's asks
+do not slow down. Proposal ids are Optuna trial numbers; `pending()` is the trials still
+RUNNING (after a crash the loop evaluates them again and tells those same trial numbers). A
+failed candidate is told as state FAIL, which every sampler here skips (the CMA-ES sampler
+simply waits for enough successful trials to complete its generation).
 
 Exact resume. A sampler's random state is not in the database, so the sampler is rebuilt before
 every ask, seeded from (seed, number of trials asked so far). Everything else these samplers use
@@ -46,6 +47,7 @@ Warm start: `x0` is enqueued as the first trial (for `optuna_cmaes` the chosen o
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -177,12 +179,18 @@ class OptunaOptimizer(Optimizer):
         return self._numbers[proposal_id]
 
     def _open(self) -> Any:
+        from evomerge.optimizers.optuna_storage import use_wal
+
         optuna = _optuna()
         self._space_cache: Any = None  # see _sampler_for
         self._sampler_cls = self.Options.sampler()
         self._dists = self._distributions()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._rdb = optuna.storages.RDBStorage(self.storage_url)
+        use_wal(self._rdb)  # one fsync per save (optuna_storage.py: Journal)
+        # closed when this optimizer goes, or at exit, if close() was not called: SQLite then
+        # folds optuna.db-wal into optuna.db, which a copy of the file alone then holds
+        weakref.finalize(self, self._rdb.engine.dispose)
         return optuna
 
     def _sampler_for(self, n_asked: int) -> Any:
@@ -230,6 +238,17 @@ class OptunaOptimizer(Optimizer):
         self._numbers: list[int] = []  # proposal id -> Optuna trial number
 
     def _restore(self) -> None:
+        try:
+            self._restore_study()
+        except BaseException:
+            # a refused resume closes the file: SQLite then folds optuna.db-wal back into it
+            # and removes the -wal and -shm files (optuna_storage.py: Journal)
+            rdb = getattr(self, "_rdb", None)
+            if rdb is not None:
+                rdb.engine.dispose()
+            raise
+
+    def _restore_study(self) -> None:
         from sqlalchemy.exc import SQLAlchemyError
 
         try:

@@ -101,20 +101,29 @@ def test_racing_on_the_small_demo_zoo_runs_to_its_budget(small_zoo, tmp_path, ca
     assert best["fidelity"] == 1.0
 
 
+HALVING = {"fidelity": "racing", "rungs": 3, "eta": 3, "min_items": 4, "cohort_rule": "halving"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "optimizer",
-    [{"name": "cma", "popsize": 6, "sigma0": 0.3}, {"name": "optuna_tpe", "n_startup_trials": 4}],
+    "optimizer, fitness",
+    [
+        ({"name": "cma", "popsize": 6, "sigma0": 0.3}, None),
+        ({"name": "cma", "popsize": 6, "sigma0": 0.3}, HALVING),  # the demo's default
+        ({"name": "optuna_tpe", "n_startup_trials": 4}, None),
+    ],
 )
 @pytest.mark.parametrize("kill_after", [5, 9])
 def test_racing_resume_after_sigkill_equals_uninterrupted(
-    racing_root, tmp_path, optimizer, kill_after
+    racing_root, tmp_path, optimizer, fitness, kill_after
 ):
+    extra = {"fitness": fitness} if fitness else {}
     path = study_file(
         racing_root,
-        f"kill-{optimizer['name']}-{kill_after}",
+        f"kill-{optimizer['name']}-{kill_after}-{'halving' if fitness else 'default'}",
         optimizer=optimizer,
         budget={"max_trials": 60},
+        **extra,
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     whole = tmp_path / "whole"

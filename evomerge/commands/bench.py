@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--trials",
         type=int,
         default=240,
-        help="fidelity part: the item budget is what this many full-fidelity candidates score",
+        help="fidelity part: the item budget is what this many full-fidelity candidates score on the zoo's 48-item split",
     )
     p.add_argument(
         "--estimate-candidates",
@@ -152,7 +152,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_fidelity(f: dict) -> None:
-    print(f"fidelity (demo zoo; item budget = {f['trials_budget']} full-fidelity candidates)")
+    print(
+        f"fidelity (demo zoo; item budget = {f['trials_budget']} full-fidelity candidates on the "
+        "48-item split)"
+    )
     print(f"{'setting':<14}{'held-out mean per seed':>28}{'avg':>8}{'items':>26}")
     for name, row in f["search"].items():
         means = " ".join(f"{v:.3f}" for v in row["heldout_mean"])

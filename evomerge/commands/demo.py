@@ -37,6 +37,12 @@ def demo_executor(args: argparse.Namespace) -> dict[str, object]:
     return {"executor.kind": "ray", "executor.workers": args.workers or 2}
 
 
+def budget_text(budget: object) -> str:
+    """'240 trials', or '34560 fitness items' when an item budget is set."""
+    items = getattr(budget, "max_items", None)
+    return f"{items} fitness items" if items else f"{getattr(budget, 'max_trials', 0)} trials"
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -64,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         done = candidates_done(records)
         wanted = args.max_trials if args.max_trials and args.max_trials > done else None
         budget = wanted or load_run_config(store).budget.max_trials
-        if done < budget:
+        finished = store.state().get("state") == "finished"  # the item budget may have ended it
+        if done < budget and (wanted or not finished):
             print(f"[2/3] resuming {run_dir} ({done}/{budget} trials done)")
             code = continue_run(store, max_trials=wanted, quiet=args.quiet)
             if code:
@@ -74,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             ensure_best(store, load_run_config(store), records)
     else:
         print(
-            f"[2/3] evolving a merge: {config.optimizer.name}, {config.budget.max_trials} trials, executor {config.executor.kind}"
+            f"[2/3] evolving a merge: {config.optimizer.name}, {budget_text(config.budget)}, executor {config.executor.kind}"
         )
         store = start_run(run_dir, config)
         code = drive(store, build_plan(config), resume=False, quiet=args.quiet)

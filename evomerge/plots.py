@@ -36,19 +36,37 @@ def to_png(fig: Any) -> bytes:
 def fitness_figure(
     records: Sequence[TrialRecord], names: Sequence[str], chosen: int | None = None
 ) -> Any:
-    """Fitness per trial (dots), best so far (line), failed trials (red x at the bottom)."""
+    """Fitness per trial (dots), best so far (line), failed trials (red x at the bottom).
+
+    With racing, a line scored on a subset of the items is a hollow dot and never makes the best
+    so far: the line follows the rule of runstore.best_trial (every item), so it ends at the
+    exported candidate rather than at a lucky subset estimate."""
     n = max(len(names), 1)
     fig, axes = new_figure(n, 1, (7, 2.6 * n + 0.6), sharex=True)
     for k, ax in enumerate(axes[:, 0]):
-        xs = [r.trial for r in records if r.ok and len(r.fitness or []) > k]
-        ys = [r.fitness[k] for r in records if r.ok and len(r.fitness or []) > k]
-        ax.scatter(xs, ys, s=14, color="tab:blue", alpha=0.7, label="trial")
+        scored = [r for r in records if r.ok and len(r.fitness or []) > k]
+        full = [r for r in scored if r.fidelity >= 1.0]
+        partial = [r for r in scored if r.fidelity < 1.0]
+        xs = [r.trial for r in full]
+        ys = [r.fitness[k] for r in full]
+        if partial:
+            ax.scatter(
+                [r.trial for r in partial],
+                [r.fitness[k] for r in partial],
+                s=14,
+                facecolors="none",
+                edgecolors="tab:gray",
+                alpha=0.6,
+                label="subset estimate (racing)",
+            )
+        ax.scatter(xs, ys, s=14, color="tab:blue", alpha=0.7, label="trial (every item)")
         steps = list(itertools.accumulate(ys, max))
         if xs:
             ax.step(xs, steps, where="post", color="tab:orange", label="best so far")
         failed = [r.trial for r in records if not r.ok]
         if failed:
-            low = min(ys) if ys else 0.0
+            everything = ys + [r.fitness[k] for r in partial]
+            low = min(everything) if everything else 0.0
             ax.scatter(failed, [low] * len(failed), marker="x", color="tab:red", label="failed")
         if chosen is not None:
             hit = [(x, y) for x, y in zip(xs, ys, strict=True) if x == chosen]

@@ -171,6 +171,11 @@ def print_fidelity(f: dict) -> None:
         print(
             f"Spearman at {e['quarter_items']}/{e['all_items']} items over {e['candidates']} "
             f"random candidates: mean {e['spearman_mean']}, irt {e['spearman_irt']}"
+            + (
+                f", irt with the parents {e['spearman_irt_parents']}"
+                if "spearman_irt_parents" in e
+                else ""
+            )
         )
 
 

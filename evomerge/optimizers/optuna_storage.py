@@ -52,6 +52,11 @@ def use_wal(rdb: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
+        # a checkpoint every 64 pages, and the -wal file cut back to 256 KiB after it: the log
+        # would otherwise grow to SQLite's default 1,000 pages (4 MB) and stay that size, which
+        # a nearly full disk (or a small quota) does not have
+        cursor.execute("PRAGMA wal_autocheckpoint=64")
+        cursor.execute("PRAGMA journal_size_limit=262144")
         cursor.close()
 
     event.listen(rdb.engine, "connect", pragmas)

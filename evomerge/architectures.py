@@ -127,7 +127,9 @@ def _structure(params: Mapping[str, torch.Tensor]) -> tuple[Any, ...]:
 
 
 def _probe(
-    model: torch.nn.Module, params: Mapping[str, torch.Tensor], pending: Mapping[str, tuple[int, ...]]
+    model: torch.nn.Module,
+    params: Mapping[str, torch.Tensor],
+    pending: Mapping[str, tuple[int, ...]],
 ) -> dict[str, View]:
     """Run transformers' live -> checkpoint conversion on index-filled copies of `params` and
     read each pending checkpoint tensor that comes back as a view of one parameter."""

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"evomerge: error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
         except DiskFullError as exc:
-            print(f"evomerge: error: {exc}", file=sys.stderr)
+            hint = "" if exc.hinted else f"; {_DISK_FULL_HINT}"
+            print(f"evomerge: error: {exc}{hint}", file=sys.stderr)
             return EXIT_DISK_FULL
         except ClusterLostError as exc:
             print(f"evomerge: error: {exc}", file=sys.stderr)
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_DISK_FULL
 
 
+_DISK_FULL_HINT = "free space there and run the command again"
+
+
 def _disk_full_error(exc: Exception, args: argparse.Namespace) -> Exception | None:
     """A full disk met where no writer said which file (a library's own write): the error
     naming the file when the OSError has one, else the command's output folder or run."""
@@ -139,7 +143,7 @@ def _disk_full_error(exc: Exception, args: argparse.Namespace) -> Exception | No
         return None
     where = getattr(cause, "filename", None) or getattr(args, "out", None)
     where = where or getattr(args, "run_dir", None) or os.getcwd()
-    return no_space(where, cause, hint="free space there and run the command again")
+    return no_space(where, cause, hint=_DISK_FULL_HINT)
 
 
 class _SigtermRaises:

@@ -60,9 +60,7 @@ def layer_device_map(
     return {name: str(torch.device(devices[int(slot)])) for name, slot in by_slot.items()}
 
 
-def tensor_devices(
-    names: Sequence[str], device_map: Mapping[str, str]
-) -> dict[str, torch.device]:
+def tensor_devices(names: Sequence[str], device_map: Mapping[str, str]) -> dict[str, torch.device]:
     """Parameter (or checkpoint tensor) name -> the device of its module: the longest prefix of
     the name in the map ('' covers everything)."""
     out: dict[str, torch.device] = {}

@@ -64,7 +64,7 @@ def no_space(
     msg = f"no space left on {mount} ({state}) while writing {writing or path}"
     if hint:
         msg += f"; {hint}"
-    return DiskFullError(msg, str(path), errno.EDQUOT if quota else errno.ENOSPC)
+    return DiskFullError(msg, str(path), errno.EDQUOT if quota else errno.ENOSPC, hinted=bool(hint))
 
 
 @contextmanager
@@ -77,6 +77,24 @@ def raising_no_space(path: str | Path, *, writing: str = "", hint: str = "") -> 
         if cause is None:
             raise
         raise no_space(path, cause, writing=writing, hint=hint) from exc
+
+
+def full_disk_at(directory: str | Path, probe_bytes: int = 32768) -> OSError | None:
+    """The ENOSPC/EDQUOT a `probe_bytes` write into `directory` meets now; None when it fits.
+
+    Why: SQLite says "disk I/O error", with no errno, when it cannot create a WAL database's
+    32 KiB -shm index for want of space; only a write of that size tells a full disk from a
+    damaged file, and the two need opposite advice (free space vs rebuild the state)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            probe.write(b"\0" * probe_bytes)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        return exc if exc.errno in FULL_ERRNOS else None
+    return None
 
 
 def mount_point(path: Path) -> Path:

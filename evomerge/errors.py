@@ -68,9 +68,17 @@ class DiskFullError(EvomergeError, OSError):
     Whatever was written before stays consistent: trials.jsonl whole lines, state files replaced
     atomically or not at all."""
 
-    def __init__(self, message: str, path: str | None = None, err: int = errno.ENOSPC) -> None:
+    def __init__(
+        self,
+        message: str,
+        path: str | None = None,
+        err: int = errno.ENOSPC,
+        *,
+        hinted: bool = False,
+    ) -> None:
         super().__init__(message)
         self.errno, self.filename = err, path  # as the OSError it stands for
+        self.hinted = hinted  # the message already says what to do next
 
     def __str__(self) -> str:  # OSError's own would prefix "[Errno ...]" when errno is set
         return str(self.args[0])

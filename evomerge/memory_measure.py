@@ -104,8 +104,6 @@ def _gpus_free() -> tuple[int, ...]:
     return tuple(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
 
 
-
-
 def rss_bytes(field_name: str = "VmRSS") -> int:
     """The process's resident set (VmRSS) or its peak (VmHWM), from /proc/self/status; on other
     systems the peak from getrusage."""

@@ -103,8 +103,12 @@ def model_layout(
                 raise IncompatibleModelsError(
                     f"tensor {name!r} has shape {list(info.shape)} in {reference!r} but "
                     f"{list(other.shape)} in {m!r}"
-                    + ("; if tokens were added, set tokenizer_source (base, union or a "
-                       "model's name)" if rows else "")
+                    + (
+                        "; if tokens were added, set tokenizer_source (base, union or a "
+                        "model's name)"
+                        if rows
+                        else ""
+                    )
                 )
         layer = layer_index(name)
         t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)

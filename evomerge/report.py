@@ -323,7 +323,5 @@ def report_plots(view: RunView) -> dict[str, bytes]:
         view.records, view.objective_names, view.recipe, view.searched_params(), view.record.trial
     )
     opt = view.config.optimizer
-    size, generational = generation_size(
-        opt.name, opt.options, len(view.plan.space.dimensions())
-    )
+    size, generational = generation_size(opt.name, opt.options, len(view.plan.space.dimensions()))
     return {**plots, **progress_plots(view.records, size, generational, opt.name)}

@@ -148,8 +148,12 @@ def check_compatible(readers: Mapping[str, Any], reference: str) -> None:
                 raise IncompatibleModelsError(
                     f"model {name!r} does not match the base: tensor {tname!r} is {got} "
                     f"(expected {list(info.shape)})"
-                    + ("; if tokens were added, set models.tokenizer_source (base, union or a "
-                       "source's name)" if rows else "")
+                    + (
+                        "; if tokens were added, set models.tokenizer_source (base, union or a "
+                        "source's name)"
+                        if rows
+                        else ""
+                    )
                 )
 
 

@@ -213,7 +213,6 @@ class Worker:
             )
             return Outcome(None, msg, seconds, self.name, started_at=started_at)
 
-
     def _peak_once(self) -> dict[str, int] | None:
         """Peak bytes per device since the worker started, with its first candidate only."""
         if self._host_base is None:

@@ -133,7 +133,11 @@ def save_byte_level_tokenizer(out: Path) -> None:
     )
     tok.train_from_iterator([" ".join([*WORDS, "Q:", "A:"])] * 3, trainer)
     PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
     ).save_pretrained(out)
 
 

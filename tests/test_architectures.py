@@ -319,7 +319,9 @@ def test_study_runs_and_export_generates(arch, families, tmp_path):
     gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert gen.shape[1] == ids.shape[1] + 3
     # the export is the best trial's recipe, merged on disk: the same tensors as a fresh merge
-    assert main(["merge", str(out / "recipe.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert (
+        main(["merge", str(out / "recipe.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    )
     assert max_rel(load_dir(tmp_path / "again"), load_dir(out)) == 0.0
 
 

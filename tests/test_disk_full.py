@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from evomerge.atomic import atomic_write
-from evomerge.disk_full import disk_full_cause, no_space
+from evomerge.disk_full import disk_full_cause, full_disk_at, no_space
 from evomerge.errors import EXIT_DISK_FULL, DiskFullError
 from evomerge.runstore import RunStore, TrialRecord
 from tests.study_factory import make_tiny_study, trial_sequence
@@ -140,6 +140,26 @@ def test_sqlite_full_is_recognized_under_its_wrappers(tmpfs):
     assert disk_full_cause(ValueError("no such table")) is None
 
 
+def test_the_probe_tells_a_full_disk_from_a_damaged_database(tmpfs):
+    """A WAL database on a full disk fails to open with SQLite's errno-less "disk I/O error"
+    (no room for its -shm index); the probe write says the disk is full, not the file bad."""
+    mnt = tmpfs("1m")
+    db = sqlite3.connect(mnt / "x.db")
+    db.execute("pragma journal_mode=wal")
+    db.execute("create table t (v int)")
+    db.commit()
+    db.close()
+    assert full_disk_at(mnt) is None
+    fill(mnt)
+    with pytest.raises(sqlite3.OperationalError) as info:
+        sqlite3.connect(mnt / "x.db").execute("select * from t").fetchall()
+    assert disk_full_cause(info.value) is None  # nothing in SQLite's error says "full"
+    full = full_disk_at(mnt)
+    assert full is not None and full.errno == errno.ENOSPC
+    # the probe left nothing (SQLite's failed open leaves its empty -shm and -wal)
+    assert {p.name for p in mnt.iterdir()} <= {"filler", "x.db", "x.db-shm", "x.db-wal"}
+
+
 def test_a_quota_is_said_as_such():
     err = no_space("/x/y", OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), hint="free some")
     assert str(err) == "no space left on / (disk quota exceeded) while writing /x/y; free some"
@@ -225,13 +245,18 @@ def test_disk_full_mid_study_then_resume_equals_uninterrupted(
         assert json.loads((run_dir / "state.json").read_text())["state"] == "interrupted"
     assert store.state()["state"] == "interrupted"
 
-    # still full: resume says so in one line and changes nothing it cannot finish
+    # still full: resume says so in one line and changes nothing it cannot finish. Top the disk
+    # up first: the stopped run's exit gives back what SQLite's write-ahead log held (up to its
+    # 256 KiB journal_size_limit), which is free space the resume may rightly use.
+    fill(mnt)
     res = subprocess.run(
         [*EVOMERGE, "resume", str(run_dir), "--quiet"], env=ENV, capture_output=True, text=True
     )
     assert res.returncode == EXIT_DISK_FULL, res.stderr[-3000:]
     assert res.stderr.strip().startswith(f"evomerge: error: no space left on {mnt}")
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr[-3000:]
+    assert "--rebuild-state" not in res.stderr  # the state is whole: only the disk is full
+    assert res.stderr.strip().endswith("; free space there and run the command again")
     assert len(store.read_trials()) == done
 
     (mnt / "filler").unlink()

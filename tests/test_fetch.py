@@ -200,7 +200,10 @@ def test_a_lora_source_fetches_the_hub_base_its_adapter_names(root, caches):
     cfg_path = root / "adapter" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": "org/tiny-base"}))
-    sources = [{"name": "tuned", "path": str(root / "adapter")}, {"name": "s1", "path": "models/s1"}]
+    sources = [
+        {"name": "tuned", "path": str(root / "adapter")},
+        {"name": "s1", "path": "models/s1"},
+    ]
     path = with_changes(root, "lora", models__base="org/tiny-base", models__sources=sources,
                         tasks__heldout=["tiny_heldout"])  # fmt: skip
     code, out, err = cli(["fetch", str(path)])

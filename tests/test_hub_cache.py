@@ -36,7 +36,11 @@ def test_the_hand_made_cache_is_what_huggingface_hub_reads(tmp_path, study, monk
     snapshot = cache_repo(tmp_path, "org/tiny-s2", folder)
     (repo,) = scan_cache_dir(tmp_path).repos
     (rev,) = repo.revisions
-    assert (repo.repo_id, repo.repo_type, rev.commit_hash) == ("org/tiny-s2", "model", commit_of("org/tiny-s2"))
+    assert (repo.repo_id, repo.repo_type, rev.commit_hash) == (
+        "org/tiny-s2",
+        "model",
+        commit_of("org/tiny-s2"),
+    )
     assert rev.refs == frozenset({"main"})
     assert sorted(f.file_name for f in rev.files) == sorted(p.name for p in folder.iterdir())
     cfg = try_to_load_from_cache("org/tiny-s2", "config.json", cache_dir=tmp_path)
@@ -76,7 +80,9 @@ def test_a_hub_id_fetches_weights_tokenizer_templates_and_adapters_never_pickles
 def test_a_hub_repo_with_only_pickled_weights_is_refused(tmp_path, study, monkeypatch):
     folder = tmp_path / "pickled"
     folder.mkdir()
-    (folder / "config.json").write_bytes((study.parent / "models" / "s1" / "config.json").read_bytes())
+    (folder / "config.json").write_bytes(
+        (study.parent / "models" / "s1" / "config.json").read_bytes()
+    )
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04N.")  # pickle.dumps(None)
     cache_repo(tmp_path / "hub", "org/pickled", folder)
     use_cache(monkeypatch, tmp_path / "hub")
@@ -84,7 +90,9 @@ def test_a_hub_repo_with_only_pickled_weights_is_refused(tmp_path, study, monkey
         CheckpointReader("org/pickled", where="models.sources[p]")
 
 
-def test_a_study_with_a_hub_id_source_runs_as_with_the_folder_and_exports(tmp_path, study, monkeypatch):
+def test_a_study_with_a_hub_id_source_runs_as_with_the_folder_and_exports(
+    tmp_path, study, monkeypatch
+):
     """The same bytes behind a hub id give the same trials as the local folder (seeded); the
     export's model card names the hub id as a base model and carries mergekit.yaml."""
     root = study.parent
@@ -142,7 +150,9 @@ def test_an_interrupted_download_names_the_files_still_missing(tmp_path, study, 
     from evomerge.errors import MissingPathError
 
     snapshot = cache_repo(tmp_path, "org/partial", study.parent / "models" / "s1")
-    listing = {f.name: TreeCacheEntry(size=f.stat().st_size, blob_id="0" * 40) for f in snapshot.iterdir()}
+    listing = {
+        f.name: TreeCacheEntry(size=f.stat().st_size, blob_id="0" * 40) for f in snapshot.iterdir()
+    }
     listing["model-00002-of-00002.safetensors"] = TreeCacheEntry(size=10, blob_id="1" * 40)
     write_tree_cache(str(tmp_path / "models--org--partial"), commit_of("org/partial"), listing)
     use_cache(monkeypatch, tmp_path)

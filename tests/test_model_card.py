@@ -143,7 +143,9 @@ def test_a_hub_base_the_recipe_resolved_is_a_base_model(tmp_path):
     recipe = RECIPE.model_copy(
         update={"models": {**RECIPE.models, "s2": f"{snapshot}+/data/example/adapter"}}
     )
-    report = with_models(golden("scored.json"), None, {"s1": "org/math-7b", "s2": "/data/example/adapter"})
+    report = with_models(
+        golden("scored.json"), None, {"s1": "org/math-7b", "s2": "/data/example/adapter"}
+    )
     (tmp_path / "README.md").write_text(model_card(report, recipe, None, []))
     data = ModelCard.load(tmp_path / "README.md").data.to_dict()
     assert data["base_model"] == ["org/math-7b", "org/lora-base"]

@@ -50,7 +50,10 @@ def first_error(data: dict[str, Any]) -> str:
     [
         (lambda d: d.update(models={}), "models is empty"),
         (lambda d: d.update(base_model="c"), "base_model 'c' is not one of models (a, b)"),
-        (lambda d: d.update(tokenizer_source="c"), "tokenizer_source 'c' is not base, union or one of models"),
+        (
+            lambda d: d.update(tokenizer_source="c"),
+            "tokenizer_source 'c' is not base, union or one of models",
+        ),
         (lambda d: d.update(sections=[]), "sections is empty"),
         (
             lambda d: d["sections"][1]["models"].update(c={"weight": 1}),

@@ -251,6 +251,8 @@ class OptunaOptimizer(Optimizer):
     def _restore_study(self) -> None:
         from sqlalchemy.exc import SQLAlchemyError
 
+        from evomerge.disk_full import full_disk_at, no_space
+
         try:
             optuna = self._open()
             self._study = optuna.load_study(study_name=STUDY_NAME, storage=self._rdb)
@@ -259,6 +261,11 @@ class OptunaOptimizer(Optimizer):
                 f"{self.db_path} holds no study named {STUDY_NAME!r}"
             ) from None
         except SQLAlchemyError as exc:  # "file is not a database", "disk image is malformed"
+            full = full_disk_at(self.db_path.parent)
+            if full is not None:  # SQLite's "disk I/O error" on a disk with no room for -shm
+                raise no_space(
+                    self.db_path, full, writing=f"the study's state in {self.db_path}"
+                ) from exc
             why = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise OptimizerStateError(
                 f"{self.db_path} is not a readable database ({why})"

@@ -37,6 +37,8 @@ N_SEARCH_EXTRA: dict[str, int] = {"add": 252, "reverse": 252}
 def n_search(skill: str) -> int:
     """Documents of `skill` in the search split."""
     return N_SEARCH + N_SEARCH_EXTRA.get(skill, 0)
+
+
 REV_LENGTHS = (3, 6)  # reversed strings have 3..6 letters: answer + newline fits 8 tokens
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
